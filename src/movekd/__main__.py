@@ -1,0 +1,5 @@
+import sys
+
+from movekd.cli import main
+
+sys.exit(main())
