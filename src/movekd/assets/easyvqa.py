@@ -1,0 +1,130 @@
+"""easy-vqa (package ``easy-vqa``) → LLaVA-format JSON + an image folder.
+
+Writes, inside the asset folder:
+- ``images/{train,test}/{id}.png``: the 64×64 PNGs (4,000 train, 1,000 test);
+- ``train.json`` / ``test.json``: one sample per question (38,575 / 9,673), in LLaVA format
+  ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``
+  plus ``"type"`` (``yes/no``, ``shape`` or ``color``) for per-type accuracy;
+- ``pretrain.json``: one caption per train image ("a blue rectangle"), for stage 1 (LLaVA's
+  pretraining uses image–caption pairs; easy-vqa has none, so they are built from its answers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from movekd.assets.packages import package_dir
+
+DISTRIBUTION = "easy-vqa"
+IMAGE_TOKEN = "<image>"
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+# Stage-1 instruction; the `plain` template drops it (only the caption is supervised), as in LLaVA.
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+def question_type(answer: str) -> str:
+    if answer in YES_NO:
+        return "yes/no"
+    if answer in SHAPES:
+        return "shape"
+    return "color"
+
+
+def _questions(root: Path, split: str) -> list[tuple[str, str, int]]:
+    rows = json.loads((root / "data" / split / "questions.json").read_text())
+    return [(str(q), str(a), int(i)) for q, a, i in rows]
+
+
+def _vqa_samples(split: str, questions: list[tuple[str, str, int]]) -> list[dict]:
+    return [
+        {
+            "id": f"{split}-{index}",
+            "image": f"images/{split}/{image_id}.png",
+            "type": question_type(answer),
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        for index, (question, answer, image_id) in enumerate(questions)
+    ]
+
+
+def _facts(question: str, answer: str) -> tuple[str, str, bool] | None:
+    """(kind, word, holds) stated by one Q/A, e.g. ("shape", "circle", True); None if it states none."""
+    kind = question_type(answer)
+    if kind != "yes/no":
+        return kind, answer, True
+    words = question.rstrip("?").split()
+    for word in words:
+        if word in SHAPES or word in COLOURS:
+            # "is there not a red shape?" → "no" means there is one: negation flips the answer.
+            holds = (answer == "yes") != ("not" in words)
+            return ("shape" if word in SHAPES else "color"), word, holds
+    return None
+
+
+def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
+    """One caption per image ("a blue rectangle") from what its questions state.
+
+    Every easy-vqa image holds one shape of one colour. Direct answers ("what color is the shape?")
+    and yes/no questions ("is there not a circle?" → "no") both state facts; a shape ruled out twice
+    leaves the third one. An image whose colour stays unknown is captioned "a circle", and one whose
+    shape stays unknown "a blue shape".
+    """
+    found: dict[int, dict[str, Counter]] = {}
+    excluded: dict[int, set[str]] = {}
+    for question, answer, image_id in questions:
+        fact = _facts(question, answer)
+        if fact is None:
+            continue
+        kind, word, holds = fact
+        if holds:
+            found.setdefault(image_id, {}).setdefault(kind, Counter())[word] += 1
+        elif kind == "shape":
+            excluded.setdefault(image_id, set()).add(word)
+    result = {}
+    for image_id in sorted(set(found) | set(excluded)):
+        facts = found.get(image_id, {})
+        shape = facts["shape"].most_common(1)[0][0] if "shape" in facts else None
+        remaining = [s for s in SHAPES if s not in excluded.get(image_id, set())]
+        if shape is None and len(remaining) == 1:
+            shape = remaining[0]
+        colour = facts["color"].most_common(1)[0][0] if "color" in facts else None
+        words = [w for w in (colour, shape or "shape") if w]
+        result[image_id] = "a " + " ".join(words)
+    return result
+
+
+def build_easyvqa(out: Path) -> dict:
+    """Write the LLaVA-format easy-vqa dataset into ``out``."""
+    root = package_dir("easy_vqa", DISTRIBUTION)
+    out = Path(out)
+    counts = {}
+    for split in ("train", "test"):
+        shutil.copytree(root / "data" / split / "images", out / "images" / split)
+        questions = _questions(root, split)
+        samples = _vqa_samples(split, questions)
+        (out / f"{split}.json").write_text(json.dumps(samples))
+        counts[f"{split}_questions"] = len(samples)
+        counts[f"{split}_images"] = len(list((out / "images" / split).glob("*.png")))
+        if split == "train":
+            pretrain = [
+                {
+                    "id": f"caption-{image_id}",
+                    "image": f"images/train/{image_id}.png",
+                    "conversations": [
+                        {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                        {"from": "gpt", "value": caption},
+                    ],
+                }
+                for image_id, caption in captions(questions).items()
+            ]
+            (out / "pretrain.json").write_text(json.dumps(pretrain))
+            counts["pretrain_captions"] = len(pretrain)
+    return {"source": f"{DISTRIBUTION} (MIT)", **counts}
