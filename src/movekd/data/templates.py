@@ -219,10 +219,7 @@ class ConversationEncoder:
         messages = self._messages(conversations, has_image)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        if self.template.name == "plain":
-            text = self.template.render(messages)
-        else:
-            text = self.template.render(messages, add_generation_prompt=True)
+        text = self.template.render(messages, add_generation_prompt=True)  # plain ignores the flag
         ids, _ = self._tokenize(text)
         if self.max_length is not None and self._expanded_len(ids) > self.max_length:
             raise EncodingError(f"prompt longer than max_length={self.max_length}")

@@ -1,0 +1,29 @@
+"""LLaVA-format data: JSON loading and validation, conversation templates, collation."""
+
+from movekd.data.collate import Collator, SkipCounter, pad_sequences, pad_token_id_of
+from movekd.data.llava_json import (
+    LlavaDataset,
+    LlavaFormatError,
+    Skipped,
+    check_images,
+    load_llava_json,
+    read_image,
+    validate_samples,
+)
+from movekd.data.templates import (
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    IMAGE_TOKEN_INDEX,
+    ConversationEncoder,
+    Encoded,
+    EncodingError,
+    get_template,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "IMAGE_TAG", "IMAGE_TOKEN_INDEX",
+    "Collator", "ConversationEncoder", "Encoded", "EncodingError", "LlavaDataset", "LlavaFormatError",
+    "SkipCounter", "Skipped",
+    "check_images", "get_template", "load_llava_json", "pad_sequences", "pad_token_id_of", "read_image",
+    "validate_samples",
+]

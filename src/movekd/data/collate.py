@@ -1,0 +1,111 @@
+"""Batching for :class:`~movekd.data.llava_json.LlavaDataset` items.
+
+Padding: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` 0. Right
+padding for training; left padding (``padding_side="left"``) for batched generation, so that every
+prompt ends at the last column. The image placeholder id (-200) is never used as padding.
+
+Skipped samples (:class:`Skipped` markers) are dropped; the batch reports them in
+``batch["skipped"]`` (a list of markers) because the collator runs inside DataLoader workers, where
+a counter would be lost. If every sample of a batch was skipped, the tensors have batch size 0:
+the training loop must skip such a batch (``batch["input_ids"].shape[0] == 0``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from movekd.data.llava_json import Skipped
+from movekd.data.templates import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (masked by attention_mask and labels anyway), else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def pad_sequences(seqs: list[torch.Tensor], value: int, side: str = "right") -> torch.Tensor:
+    """Stack 1-D tensors into ``[B, max_len]``, padding with ``value`` on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    length = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), length), value, dtype=seqs[0].dtype if seqs else torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, : len(s)] = s
+        else:
+            out[i, length - len(s):] = s
+    return out
+
+
+class Collator:
+    """``collate_fn`` for a DataLoader.
+
+    Returns ``{"input_ids" [B,L], "attention_mask" [B,L], "labels" [B,L] (if the items have labels),
+    "images" uint8 [B,3,H,W], "has_image" bool [B], "ids", "indices", "skipped"}``.
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", image_size: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.image_size = image_size  # only needed to shape the images of an all-skipped batch
+
+    def __call__(self, items: list) -> dict:
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        items = [it for it in items if it is not None and not isinstance(it, Skipped)]
+        ids = [it["input_ids"] for it in items]
+        input_ids = pad_sequences(ids, self.pad_token_id, self.padding_side)
+        attention_mask = pad_sequences([torch.ones(len(s), dtype=torch.long) for s in ids], 0, self.padding_side)
+        if items:
+            images = torch.stack([it["image"] for it in items])
+        else:
+            side = self.image_size or 0
+            images = torch.zeros(0, 3, side, side, dtype=torch.uint8)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "images": images,
+            "has_image": torch.tensor([bool(it["has_image"]) for it in items], dtype=torch.bool),
+            "ids": [it["id"] for it in items],
+            "indices": [it["index"] for it in items],
+            "skipped": skipped,
+        }
+        if items and items[0].get("labels") is not None:
+            batch["labels"] = pad_sequences([it["labels"] for it in items], IGNORE_INDEX, self.padding_side)
+        return batch
+
+
+class SkipCounter:
+    """Main-process tally of skipped samples, fed with each batch: ``counter.update(batch)``."""
+
+    def __init__(self):
+        self.by_reason: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def update(self, batch: dict) -> int:
+        """Count and log the batch's skipped samples; returns how many there were."""
+        skipped = batch.get("skipped", [])
+        for s in skipped:
+            self.by_reason[s.reason] += 1
+        if skipped:
+            logger.warning("skipped %d sample(s) in this batch (%s); %d so far (%s)", len(skipped),
+                           ", ".join(f"{s.id}: {s.reason}" for s in skipped), self.total, dict(self.by_reason))
+        return len(skipped)
+
+    def state_dict(self) -> dict:
+        return dict(self.by_reason)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.by_reason = Counter(state)

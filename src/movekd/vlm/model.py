@@ -1,0 +1,184 @@
+"""``MoveKDVLM``: vision encoder (the student) → projector → causal LLM, LLaVA style.
+
+Image placeholders: ``input_ids`` holds one :data:`IMAGE_TOKEN_INDEX` (-200) where an image goes.
+:func:`merge_image_tokens` replaces each placeholder of sample ``b`` by the N projected tokens of
+image ``b`` (``images`` has one image per sample; a sample with several placeholders gets its image
+at each; a sample with none, e.g. text-only, ignores its image), with labels -100 on image
+positions. This is the semantics of LLaVA's ``prepare_inputs_labels_for_multimodal`` for one image
+per sample, done with a few scatters instead of a Python loop over samples.
+
+Padding: the merged sequences keep the batch's padding side. Rows that gain fewer image tokens than
+others are padded on the right for right-padded batches (training) and on the left for left-padded
+ones (generation), so prompts still end at the last column. ``position_ids`` are computed from the
+attention mask, so either side gives the same result per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from movekd.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class VLMOutput:
+    """What :meth:`MoveKDVLM.forward` returns."""
+
+    loss: torch.Tensor | None  # LM cross-entropy (HF semantics: mean over supervised tokens), or None
+    logits: torch.Tensor  # [B, L', V] on the merged sequence
+    vision: Any  # the vision module's output (``.tokens`` [B,N,D] etc.): reuse it for the KD loss
+    attention_mask: torch.Tensor  # [B, L'] merged
+    labels: torch.Tensor | None  # [B, L'] merged (-100 on image tokens and padding)
+
+
+def infer_padding_side(attention_mask: torch.Tensor) -> str:
+    """``"left"`` if some row starts with padding, else ``"right"``."""
+    return "left" if attention_mask.shape[1] and not bool(attention_mask[:, 0].all()) else "right"
+
+
+def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor | None, image_embeds: torch.Tensor | None, *,
+                       image_token_index: int = IMAGE_TOKEN_INDEX, padding_side: str | None = None):
+    """Expand each image placeholder into the image's tokens.
+
+    Args:
+        text_embeds: ``[B, L, D]`` embeddings of ``input_ids`` (placeholder rows are ignored).
+        input_ids, attention_mask, labels: ``[B, L]``.
+        image_embeds: ``[B, N, D]`` projected image tokens, one image per sample (None if no placeholders).
+        padding_side: ``"right"``, ``"left"`` or None (inferred from ``attention_mask``).
+
+    Returns:
+        ``(inputs_embeds [B,L',D], attention_mask [B,L'], position_ids [B,L'], labels [B,L'] or None)``.
+    """
+    B, L, D = text_embeds.shape
+    is_img = input_ids == image_token_index
+    counts = is_img.sum(1)
+    if padding_side is None:
+        padding_side = infer_padding_side(attention_mask)
+    if bool(counts.any()):
+        if image_embeds is None:
+            raise ValueError("input_ids contain image placeholders but no images were given")
+        if image_embeds.shape[0] != B:
+            raise ValueError(f"expected one image per sample ({B}), got {image_embeds.shape[0]}")
+    N = image_embeds.shape[1] if image_embeds is not None else 1
+    device = text_embeds.device
+
+    # New position of every old position: shifted by (N-1) for each placeholder before it.
+    before = torch.cumsum(is_img.long(), 1) - is_img.long()
+    new_pos = torch.arange(L, device=device).unsqueeze(0) + before * (N - 1)
+    new_len = L + counts * (N - 1)
+    L_new = int(new_len.max()) if B else L
+    if padding_side == "left":
+        new_pos = new_pos + (L_new - new_len).unsqueeze(1)
+
+    embeds = text_embeds.new_zeros(B, L_new, D)
+    mask = attention_mask.new_zeros(B, L_new)
+    rows = torch.arange(B, device=device).unsqueeze(1).expand(B, L)
+    text = ~is_img
+    embeds[rows[text], new_pos[text]] = text_embeds[text]
+    mask[rows[text], new_pos[text]] = attention_mask[text]
+    new_labels = None
+    if labels is not None:
+        new_labels = labels.new_full((B, L_new), IGNORE_INDEX)
+        new_labels[rows[text], new_pos[text]] = labels[text]
+
+    if image_embeds is not None:
+        b_idx, j_idx = is_img.nonzero(as_tuple=True)  # one row per placeholder
+        if b_idx.numel():
+            pos = new_pos[b_idx, j_idx].unsqueeze(1) + torch.arange(N, device=device)  # [P, N]
+            b_rows = b_idx.unsqueeze(1).expand_as(pos)
+            embeds[b_rows, pos] = image_embeds[b_idx].to(embeds.dtype)
+            mask[b_rows, pos] = attention_mask[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+        else:
+            # No placeholder used: keep the vision graph connected (DDP unused-parameter checks)
+            # with an exact zero, as LLaVA does with image_features[0:0].
+            embeds = embeds + image_embeds[:0].sum().to(embeds.dtype)
+
+    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return embeds, mask, position_ids, new_labels
+
+
+class MoveKDVLM(nn.Module):
+    """LLaVA-style VLM: ``vision`` (student encoder) → ``projector`` → ``llm``.
+
+    Args:
+        vision: module with ``forward(images uint8 [B,3,H,W])`` returning an object with ``.tokens`` [B,N,D_v].
+        projector: ``[.., D_v] → [.., D_llm]`` (see :func:`movekd.vlm.projector.build_projector`).
+        llm: a Hugging Face causal LM (``AutoModelForCausalLM``).
+        vision_config: dict from which the caller's factory rebuilds ``vision`` (saved by :mod:`movekd.vlm.io`).
+        image_token_index: the placeholder id in ``input_ids``.
+    """
+
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, *,
+                 vision_config: dict | None = None, image_token_index: int = IMAGE_TOKEN_INDEX):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        if vision_config is None:  # a plain-dict ``vision.config`` is taken as the rebuild recipe
+            vision_config = getattr(vision, "config", None)
+            vision_config = vision_config if isinstance(vision_config, dict) else {}
+        self.vision_config = dict(vision_config)
+        self.image_token_index = image_token_index
+
+    def encode_images(self, images: torch.Tensor):
+        """Run the vision module and the projector: ``(vision_output, image_embeds [B,N,D_llm])``."""
+        vision_out = self.vision(images)
+        tokens = vision_out.tokens
+        proj_dtype = next((p.dtype for p in self.projector.parameters()), tokens.dtype)
+        return vision_out, self.projector(tokens.to(proj_dtype))
+
+    def prepare_inputs(self, images, input_ids, attention_mask=None, labels=None, *, padding_side=None):
+        """Vision pass + placeholder expansion: ``(vision_output, embeds, mask, position_ids, labels)``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        vision_out, image_embeds = (None, None) if images is None else self.encode_images(images)
+        embed = self.llm.get_input_embeddings()
+        text_embeds = embed(input_ids.masked_fill(input_ids == self.image_token_index, 0))
+        merged = merge_image_tokens(text_embeds, input_ids, attention_mask, labels, image_embeds,
+                                    image_token_index=self.image_token_index, padding_side=padding_side)
+        return (vision_out, *merged)
+
+    def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                padding_side: str | None = None, **llm_kwargs) -> VLMOutput:
+        """LM loss (if ``labels``) and logits on the merged sequence, plus the vision output for KD.
+
+        ``llm_kwargs`` go to the LLM's forward (e.g. ``num_items_in_batch``, ``logits_to_keep``).
+        """
+        vision_out, embeds, mask, position_ids, new_labels = self.prepare_inputs(
+            images, input_ids, attention_mask, labels, padding_side=padding_side)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                       labels=new_labels, **llm_kwargs)
+        return VLMOutput(loss=out.loss, logits=out.logits, vision=vision_out, attention_mask=mask, labels=new_labels)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor | None, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 32,
+                 do_sample: bool = False, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, **generate_kwargs) -> torch.Tensor:
+        """Batched generation (greedy by default) from left-padded prompts.
+
+        Returns only the new tokens, ``[B, T]`` (``T <= max_new_tokens``); after a row's EOS the
+        rest is ``pad_token_id``. Extra keyword arguments go to the LLM's ``generate``.
+        """
+        _, embeds, mask, _, _ = self.prepare_inputs(images, input_ids, attention_mask, padding_side="left")
+        gen_cfg = self.llm.generation_config
+        if eos_token_id is None:
+            eos_token_id = gen_cfg.eos_token_id
+        if pad_token_id is None:
+            pad_token_id = gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else eos_token_id
+            if isinstance(pad_token_id, list):
+                pad_token_id = pad_token_id[0]
+        if not do_sample:
+            # Greedy: neutralise sampling fields a model's generation_config may carry (SmolLM2: temperature).
+            generate_kwargs.setdefault("temperature", None)
+            generate_kwargs.setdefault("top_p", None)
+            generate_kwargs.setdefault("top_k", None)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                 **generate_kwargs)
