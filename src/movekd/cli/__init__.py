@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order = order in `movekd --help`.
-SUBCOMMANDS = ["assets"]
+SUBCOMMANDS = ["assets", "teachers"]
 
 
 def build_parser() -> argparse.ArgumentParser:
