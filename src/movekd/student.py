@@ -64,7 +64,7 @@ class Student(nn.Module):
     """MoLE student ViT. Build it with :func:`build_student`."""
 
     def __init__(self, spec: TeacherSpec, *, mole: bool = True, mole_options: Mapping[str, Any] | None = None,
-                 drop_unused: bool = True):
+                 drop_unused: bool = True, mole_every_block: bool = False):
         super().__init__()
         model_cls, config_cls = _model_classes(spec.source)
         model = load_hf_model(spec, model_cls, config_cls, attn_implementation="sdpa")
@@ -103,7 +103,10 @@ class Student(nn.Module):
             from movekd.mole import inject_mole
 
             module_filter = None
-            if not drop_unused:  # no experts in blocks that never run for the select layer
+            # Official MoVE-KD also wraps the blocks after the select layer (24 of 24 on CLIP-L: their
+            # routers still get the balance loss). ``mole_every_block`` reproduces that; by default
+            # blocks that never feed the select layer get no experts.
+            if not drop_unused and not mole_every_block:
                 prefix = _blocks_prefix(model)
                 kept = {f"{prefix}.{i}." for i in range(k)}
                 module_filter = lambda path: any(path.startswith(p) for p in kept)  # noqa: E731
@@ -116,6 +119,7 @@ class Student(nn.Module):
             "mole": self.mole,
             "mole_options": self.mole_options,
             "drop_unused": bool(drop_unused),
+            "mole_every_block": bool(mole_every_block),
         }
 
     @property
@@ -152,7 +156,7 @@ def _blocks_prefix(model: nn.Module) -> str:
 
 def build_student(spec_or_config: TeacherSpec | Mapping[str, Any] | str, *, mole: bool = True,
                   mole_options: Mapping[str, Any] | None = None, drop_unused: bool = True,
-                  **overrides: Any) -> Student:
+                  mole_every_block: bool = False, **overrides: Any) -> Student:
     """A :class:`Student` from a spec / spec dict / preset name, or from a saved ``Student.config``.
 
     ``mole_options`` are keyword arguments of ``movekd.mole.inject_mole`` (``num_experts``, ``rank``,
@@ -162,6 +166,8 @@ def build_student(spec_or_config: TeacherSpec | Mapping[str, Any] | str, *, mole
         config = spec_or_config
         spec = resolve_spec(config["spec"], **overrides)
         return Student(spec, mole=config["mole"], mole_options=config.get("mole_options"),
-                       drop_unused=config.get("drop_unused", True))
+                       drop_unused=config.get("drop_unused", True),
+                       mole_every_block=config.get("mole_every_block", False))
     spec = resolve_spec(spec_or_config, **overrides)
-    return Student(spec, mole=mole, mole_options=mole_options, drop_unused=drop_unused)
+    return Student(spec, mole=mole, mole_options=mole_options, drop_unused=drop_unused,
+                   mole_every_block=mole_every_block)

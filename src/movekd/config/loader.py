@@ -51,6 +51,11 @@ def _convert(value: Any, tp, key: str):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        if hasattr(tp, "from_dict"):  # a dataclass that validates itself (e.g. TeacherSpec)
+            try:
+                return tp.from_dict(value)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"'{key}': {error}") from error
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -107,6 +112,8 @@ def to_dict(config) -> dict:
     """Plain-data form of a config (paths as strings, tuples as lists): what is saved in checkpoints."""
 
     def plain(value):
+        if dataclasses.is_dataclass(value) and hasattr(value, "to_dict"):
+            return plain(value.to_dict())
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):

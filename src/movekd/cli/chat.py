@@ -1,0 +1,27 @@
+"""``movekd chat CHECKPOINT --image IMG "question"``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="ask a trained VLM a question about an image",
+                                   description="Greedy answer from the student-only VLM (no teachers loaded).")
+    parser.add_argument("checkpoint", help="inference bundle or run folder")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from movekd.inference import answer, load_trained
+
+    try:
+        loaded = load_trained(args.checkpoint)
+        print(answer(loaded, args.image, args.question, args.max_new_tokens))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

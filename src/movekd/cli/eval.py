@@ -1,0 +1,48 @@
+"""``movekd eval CHECKPOINT --data DATA.json [--json]``: exact-match VQA accuracy."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a trained VLM on LLaVA-format VQA data (exact match, batched greedy)",
+        description="Exact-match accuracy (first word, case and punctuation folded) of a trained VLM on "
+        "LLaVA-format Q/A data, per question type when samples carry a 'type'.")
+    parser.add_argument("checkpoint", help="inference bundle or run folder")
+    parser.add_argument("--data", required=True, help="LLaVA JSON (or asset:easyvqa/test.json)")
+    parser.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
+    parser.add_argument("--max-samples", type=int, default=None, help="seeded subset of this size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from movekd.inference import load_trained
+    from movekd.train.config import EvalConfig
+    from movekd.train.evaluate import run_eval
+
+    try:
+        loaded = load_trained(args.checkpoint)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
+                        prior_data=args.prior_data)
+    result = run_eval(loaded, config)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']}, {result['skipped']} skipped)")
+    for kind, value in sorted(result["per_type"].items()):
+        prior = result.get("prior", {}).get("per_type", {}).get(kind)
+        extra = f"   answer prior {prior:.3f}" if prior is not None else ""
+        print(f"  {kind:<8} {value['accuracy']:.3f} (n={value['n']}){extra}")
+    return 0

@@ -1,0 +1,49 @@
+"""``movekd train CONFIG [--set key=value ...] [--resume DIR] [--dry-run]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a MoVE-KD VLM (both stages) from a YAML config or preset",
+        description="Train a MoVE-KD VLM: CONFIG is a YAML file or a bundled preset (demo, "
+        "paper_llava15_7b_v1.0, paper_llava15_7b_v1.1). Checkpoints go to OUTPUT_DIR/checkpoints, the "
+        "inference bundle (student + projector + LLM) to OUTPUT_DIR/final.")
+    parser.add_argument("config", help="YAML path or preset name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set stages.0.max_steps=10 (repeatable)")
+    parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the whole model on the meta device; print parameters per stage and the "
+                        "FLOPs of one training step (no weights, no data)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from movekd.config.loader import ConfigError
+    from movekd.train.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from movekd.train.dry_run import dry_run, format_dry_run
+
+        report = dry_run(config)
+        print(json.dumps(report, indent=1) if args.json else format_dry_run(report))
+        return 0
+    from movekd.train.loop import train
+
+    result = train(config, resume=args.resume, show_progress=not args.no_progress)
+    for stage in result.stages:
+        print(f"stage {stage.name}: {stage.steps} steps in {stage.seconds / 60:.1f} min, "
+              f"loss {stage.first.get('loss', float('nan')):.3f} → {stage.last.get('loss', float('nan')):.3f}")
+    print(f"inference bundle: {result.final_dir}")
+    return 0

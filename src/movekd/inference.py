@@ -1,0 +1,72 @@
+"""Inference: load a trained VLM bundle (student + projector + LLM only) and ask it questions.
+
+Teachers and adapters are never loaded: the bundle does not contain them (paper: "only the student
+encoder is used during inference").
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class LoadedVLM:
+    vlm: object
+    tokenizer: object
+    image_size: int
+    template: str
+    precision: str
+
+    def autocast(self):
+        device = next(self.vlm.parameters()).device.type
+        if self.precision == "bf16":
+            return torch.autocast(device, dtype=torch.bfloat16)
+        if self.precision == "fp16":
+            return torch.autocast(device, dtype=torch.float16)
+        return nullcontext()
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle folder, or a run folder (its ``final`` bundle)."""
+    path = Path(path)
+    if (path / "movekd_config.json").is_file():
+        return path
+    if (path / "final" / "movekd_config.json").is_file():
+        return path / "final"
+    raise FileNotFoundError(f"{path} is neither a movekd VLM bundle nor a run folder with one in final/")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> LoadedVLM:
+    from movekd.student import build_student
+    from movekd.vlm import load_vlm, read_config
+    from movekd.vlm.io import load_tokenizer
+
+    bundle = resolve_bundle(path)
+    config = read_config(bundle)
+    vlm = load_vlm(bundle, build_vision=build_student, device=device)
+    train = config.get("extra", {}).get("train_config", {})
+    image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
+    stages = train.get("stages") or [{}]
+    return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),
+                     precision or train.get("precision", "fp32"))
+
+
+def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer to one question about one image."""
+    from movekd.data import ConversationEncoder, read_image
+
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+    image = read_image(image_path, loaded.image_size)[None]
+    encoder = ConversationEncoder(loaded.tokenizer, loaded.template)
+    prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)
+    device = next(loaded.vlm.parameters()).device
+    with loaded.autocast():
+        out = loaded.vlm.generate(image.to(device), prompt.input_ids[None].to(device), max_new_tokens=max_new_tokens,
+                                  eos_token_id=loaded.tokenizer.eos_token_id)
+    return loaded.tokenizer.decode(out[0], skip_special_tokens=True).strip()

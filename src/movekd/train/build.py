@@ -1,0 +1,177 @@
+"""Assemble the training system from a ``TrainConfig``: student, projector, LLM, teachers, adapters.
+
+``build_system(config, device="meta")`` builds the whole model without weights or data (dry runs at
+paper scale); on a real device, weights come from the specs (local folders, ``asset:NAME``, or a hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from movekd.train.config import StageConfig, TrainConfig
+from movekd.train.groups import format_table, parameter_table
+from movekd.train.kd_model import MoveKDModel
+from movekd.train.teacher_cache import TeacherCache
+
+log = logging.getLogger(__name__)
+
+ASSET_PREFIX = "asset:"
+
+
+def resolve_path(ref: str) -> Path:
+    """``asset:NAME/relative/path`` → that file inside the converted asset; other strings → a Path."""
+    if ref.startswith(ASSET_PREFIX):
+        from movekd.assets import ensure
+
+        name, _, rest = ref[len(ASSET_PREFIX):].partition("/")
+        return ensure(name) / rest if rest else ensure(name)
+    return Path(ref).expanduser()
+
+
+def load_llm(config: TrainConfig, device):
+    """The causal LM and its tokenizer (a random-weight LM of ``llm_config`` on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, config.model.llm_dtype)
+    ref = config.model.llm
+    if torch.device(device).type == "meta":
+        if config.model.llm_config:
+            llm_config = AutoConfig.for_model(**config.model.llm_config)
+        else:
+            llm_config = AutoConfig.from_pretrained(str(resolve_path(ref)))
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype)
+        return llm, None
+    path = str(resolve_path(ref)) if ref.startswith(ASSET_PREFIX) else ref
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise OSError(f"could not load the LLM '{ref}': {error}. Offline, point model.llm at a local folder "
+                      "(config.json + safetensors + tokenizer) or use asset:smollm2") from error
+    return llm.to(device), tokenizer
+
+
+@dataclass
+class System:
+    """The built model plus what the data path needs to feed it."""
+
+    model: MoveKDModel
+    tokenizer: object
+    config: TrainConfig
+    image_size: int
+    num_image_tokens: int
+    always_frozen: set[str] = field(default_factory=set)
+
+    @property
+    def pad_token_id(self) -> int:
+        from movekd.data import pad_token_id_of
+
+        return pad_token_id_of(self.tokenizer)
+
+    def parameter_rows(self, train: list[str]):
+        return parameter_table(self.model, train, self.always_frozen)
+
+    def describe_trainable(self, stage: str) -> str:
+        train = next(s.train for s in self.config.stages if s.name == stage)
+        return format_table(f"stage {stage}: parameters", self.parameter_rows(train))
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        from movekd.teachers import state_dict_without_teachers
+
+        return state_dict_without_teachers(self.model)
+
+    def save_inference(self, path: Path, extra: dict | None = None) -> Path:
+        """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters."""
+        from movekd.vlm import save_vlm
+
+        return save_vlm(self.model.vlm, path, tokenizer=self.tokenizer, extra=extra, overwrite=True)
+
+
+def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> System:
+    from movekd.student import build_student
+    from movekd.teachers import create_teacher
+    from movekd.vlm import MoveKDVLM, build_projector
+
+    device = torch.device(device)
+    meta = device.type == "meta"
+    student_spec = config.model.student.spec.replace(pretrained=False) if meta else config.model.student.spec
+    mole = config.model.student.mole
+    mole_options = {"num_experts": mole.num_experts, "rank": mole.rank, "alpha": mole.alpha,
+                    "dropout": mole.dropout, "routing": mole.routing, "init": mole.init}
+    if mole.routing == "topk":
+        mole_options["top_k"] = mole.top_k
+    with torch.device("meta") if meta else torch.device("cpu"):
+        student = build_student(student_spec, mole=mole.enabled, mole_options=mole_options,
+                                drop_unused=config.model.student.drop_unused,
+                                mole_every_block=config.model.student.mole_every_block)
+    always_frozen = {f"vlm.vision.{n}" for n, p in student.named_parameters() if not p.requires_grad}
+    llm, tokenizer = load_llm(config, device)
+    projector = build_projector(config.model.projector, student.hidden_size, llm.config.hidden_size)
+    if meta:
+        projector = projector.to("meta")
+    vlm = MoveKDVLM(student.to(device), projector.to(device), llm)
+
+    teachers, adapters = [], []
+    kd = config.kd
+    use_teachers = kd.enabled and any(stage.kd for stage in config.stages)
+    grid = (student.spec.image_size // student.patch_size,) * 2
+    for k, spec in enumerate(config.model.teachers if use_teachers else []):
+        teacher = create_teacher(spec, device=device)
+        teachers.append(teacher)
+        adapters.append(None if k == 0 else _adapter_for(config, teacher, student.hidden_size, grid, device))
+    if teachers and (kd.token_weight or kd.teacher_weight) and not teachers[0].spec.provides_cls_attention:
+        raise ValueError(f"teacher 0 ('{teachers[0].name}') plays the CLIP role: token and teacher weights "
+                         "(Eq. 3, 4) need its [CLS] attention; set provides_cls_attention: true on it, or "
+                         "turn kd.token_weight and kd.teacher_weight off")
+    cache = TeacherCache() if config.teacher_cache and not meta else None
+    model = MoveKDModel(vlm, teachers, adapters, kd, grid, [t.name for t in teachers], cache=cache)
+    image_size = config.image_size or max([student.spec.image_size] + [t.spec.image_size for t in teachers])
+    return System(model, tokenizer, config, image_size, student.num_tokens, always_frozen)
+
+
+def _adapter_for(config: TrainConfig, teacher: nn.Module, dim: int, grid: tuple[int, int], device) -> nn.Module:
+    """An adapter sized from one dummy forward of the teacher (free on the meta device)."""
+    from movekd.adapters import build_adapter
+
+    size = teacher.spec.image_size
+    probe = teacher(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
+    channels = probe.tokens.shape[-1]
+    adapter = build_adapter(config.model.adapter, teacher_channels=channels, teacher_grid=tuple(probe.grid),
+                            student_dim=dim, student_grid=grid)
+    return adapter.to(device)
+
+
+class StageDataset(torch.utils.data.Dataset):
+    """A stage's LLaVA dataset, with the image path of each sample as its teacher-cache key."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[index]
+
+    def image_key(self, index: int) -> str:
+        return str(self.inner.samples[index].get("image") or f"#text{index}")
+
+
+def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> StageDataset:
+    from movekd.data import ConversationEncoder, LlavaDataset, load_llava_json
+
+    path = resolve_path(stage.data)
+    samples = load_llava_json(path)
+    if stage.max_samples is not None and stage.max_samples < len(samples):
+        samples = random.Random(config.seed).sample(samples, stage.max_samples)
+    encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
+                                  num_image_tokens=system.num_image_tokens)
+    root = resolve_path(stage.image_root) if stage.image_root else path.parent
+    return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size))

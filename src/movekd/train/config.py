@@ -1,0 +1,182 @@
+"""The training config: one typed dataclass tree, loaded from YAML, overridable with ``--set``.
+
+Presets live in ``movekd/configs/*.yaml`` (``demo``, ``paper_llava15_7b_v1.0``/``v1.1``). Every
+checkpoint stores the resolved config as JSON, so a run can be reproduced and resumed from it.
+Defaults follow the paper and the official scripts (research/official-movekd.md §8): λ_kd 0.5,
+λ_bal 0.01, α 0.8, token and teacher weights on, 3 experts of rank 32 with alpha 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from movekd.config.loader import apply_overrides, from_dict, load_yaml, to_dict
+from movekd.teachers.base import TeacherSpec
+
+# A model entry in a config: a preset name ("efficientnet_lite0"), a full spec mapping, or a preset
+# with overrides ({"preset": "dinov2_s14_imgfocus", "image_size": 112}).
+SpecRef = Union[str, dict]
+
+
+def resolve_spec_ref(ref: Any) -> TeacherSpec:
+    from movekd.teachers.registry import resolve_spec
+
+    if isinstance(ref, TeacherSpec):
+        return ref
+    if isinstance(ref, str):
+        return resolve_spec(ref)
+    data = dict(ref)
+    preset = data.pop("preset", None)
+    return resolve_spec(preset, **data) if preset else TeacherSpec.from_dict(data)
+
+# Parameter groups a stage can train (each parameter belongs to the first group that claims it).
+GROUPS = ("mole", "adapters", "projector", "student", "llm")
+
+
+@dataclass
+class MoLEConfig:
+    """Mixture-of-LoRA-Experts in every FFN of the student (paper §3.2, Eq. 1)."""
+
+    enabled: bool = True
+    num_experts: int = 3
+    rank: int = 32
+    alpha: float = 1.0
+    dropout: float = 0.05
+    routing: Literal["sparse", "gated", "dense", "topk"] = "sparse"
+    top_k: int = 2
+    init: Literal["paper", "zero_b"] = "paper"
+
+
+@dataclass
+class StudentConfig:
+    """The student: a ViT initialised from the CLIP-role model (spec in teacher format), with MoLE."""
+
+    spec: SpecRef
+    mole: MoLEConfig = field(default_factory=MoLEConfig)
+    # Drop the blocks after the select layer (outputs unchanged, less compute). The official code
+    # keeps them and puts MoLE in every block: drop_unused false + mole_every_block true.
+    drop_unused: bool = True
+    mole_every_block: bool = False
+
+    def __post_init__(self):
+        self.spec = resolve_spec_ref(self.spec)
+
+
+@dataclass
+class ModelConfig:
+    student: StudentConfig
+    # Index 0 plays the CLIP role: it gives the [CLS] attention (Eq. 3) and CLS state (Eq. 4).
+    teachers: list[SpecRef] = field(default_factory=list)
+    adapter: str = "resample_mlp"
+    projector: str = "mlp2x_gelu"
+    # HF causal LM: hub id, local folder, or "asset:smollm2".
+    llm: str = "asset:smollm2"
+    # Architecture of the LLM when it is built without weights (dry runs on the meta device).
+    llm_config: dict = field(default_factory=dict)
+    llm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        self.teachers = [resolve_spec_ref(t) for t in self.teachers]
+
+
+@dataclass
+class KDConfig:
+    """Eq. 2–5. ``enabled=False`` trains the plain VLM (the LLaVA baseline)."""
+
+    enabled: bool = True
+    lambda_kd: float = 0.5
+    lambda_balance: float = 0.01
+    alpha: float = 0.8  # fixed weight of the CLIP-role teacher (Eq. 4)
+    token_weight: bool = True  # Eq. 3
+    teacher_weight: bool = True  # adaptive (Eq. 4); False: (1-α)/(K-1) each
+    # The official code computes KD on zero images for text-only samples; we mask them by default.
+    kd_on_text_only: bool = False
+
+
+@dataclass
+class StageConfig:
+    name: str
+    # LLaVA-format JSON (or JSONL): a path, or "asset:easyvqa/pretrain.json".
+    data: str
+    image_root: Optional[str] = None  # default: the JSON's folder
+    template: Literal["plain", "chat", "v1"] = "chat"
+    train: list[str] = field(default_factory=lambda: ["mole", "adapters", "projector"])
+    lr: float = 2e-5
+    lrs: dict[str, float] = field(default_factory=dict)  # per-group learning rates
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimiser steps; overrides epochs
+    max_minutes: Optional[float] = None  # stop the stage early when this much time has passed
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 2048
+    max_samples: Optional[int] = None  # first N samples after a seeded shuffle
+    kd: bool = True  # KD and balance losses active in this stage (both stages in the paper)
+
+    def __post_init__(self):
+        unknown = [g for g in list(self.train) + list(self.lrs) if g not in GROUPS]
+        if unknown:
+            raise ValueError(f"unknown parameter group '{unknown[0]}' (groups: {', '.join(GROUPS)})")
+
+
+@dataclass
+class EvalConfig:
+    data: str
+    image_root: Optional[str] = None
+    max_samples: Optional[int] = 500
+    seed: int = 0
+    batch_size: int = 32
+    max_new_tokens: int = 4
+    template: Literal["plain", "chat", "v1"] = "chat"
+    # Training split used for the answer-prior baseline (most frequent answer per question type).
+    prior_data: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    model: ModelConfig
+    stages: list[StageConfig]
+    kd: KDConfig = field(default_factory=KDConfig)
+    eval: Optional[EvalConfig] = None
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    output_dir: str = "runs/{name}"
+    num_workers: int = 2
+    image_size: int = 0  # size images are decoded to in the workers; 0 = the largest model input
+    log_every: int = 10
+    save_every: int = 0  # optimiser steps between checkpoints; 0 = at the end of each stage
+    keep_checkpoints: int = 2
+    teacher_cache: bool = True  # keep frozen-teacher outputs per image for the run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a ``TrainConfig`` from a preset name, a YAML path or a dict, then apply ``--set`` strings."""
+    if isinstance(source, dict):
+        data = source
+    else:
+        data = load_yaml(resolve_preset(source))
+    return from_dict(TrainConfig, apply_overrides(data, overrides or []))
+
+
+def resolve_preset(source: str | Path) -> Path:
+    """A YAML path, or the name of a bundled preset (``demo``, ``paper_llava15_7b_v1.0``, ...)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = Path(__file__).resolve().parent.parent / "configs" / f"{source}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = sorted(p.stem for p in bundled.parent.glob("*.yaml"))
+    raise FileNotFoundError(f"no config file '{source}' and no preset of that name (presets: {', '.join(known)})")
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return to_dict(config)

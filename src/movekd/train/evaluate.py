@@ -1,0 +1,38 @@
+"""Evaluation after training: exact-match VQA accuracy per question type, and the answer prior."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from movekd.train.build import resolve_path
+from movekd.train.config import EvalConfig
+
+
+def eval_samples(config: EvalConfig) -> tuple[list[dict], Path]:
+    """The fixed evaluation subset: ``max_samples`` drawn with ``seed`` (all if None)."""
+    from movekd.data import load_llava_json
+
+    path = resolve_path(config.data)
+    samples = load_llava_json(path)
+    if config.max_samples is not None and config.max_samples < len(samples):
+        samples = random.Random(config.seed).sample(samples, config.max_samples)
+    root = resolve_path(config.image_root) if config.image_root else path.parent
+    return samples, root
+
+
+def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> dict:
+    """Accuracy of a loaded VLM (``movekd.inference.LoadedVLM``) plus the answer-prior baseline."""
+    from movekd.data import load_llava_json
+    from movekd.eval.vqa import answer_prior_baseline, evaluate_vqa
+
+    samples, root = eval_samples(config)
+    with loaded.autocast():
+        result = evaluate_vqa(loaded.vlm, loaded.tokenizer, samples, batch_size=config.batch_size,
+                              max_new_tokens=config.max_new_tokens, image_root=root, template=config.template,
+                              image_size=loaded.image_size, return_predictions=return_predictions)
+    if config.prior_data:
+        prior = answer_prior_baseline(load_llava_json(resolve_path(config.prior_data)), samples)
+        result["prior"] = {"accuracy": prior["accuracy"],
+                           "per_type": {t: v["accuracy"] for t, v in prior["per_type"].items()}}
+    return result

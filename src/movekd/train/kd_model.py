@@ -1,0 +1,163 @@
+"""The training-time system: student VLM + frozen teachers + encoder adapters → all loss terms.
+
+One forward computes, from a single student pass (paper §3, Eq. 5):
+
+    L = L_text + λ_kd · L_kd + λ_bal · L_bal
+
+- ``L_text``: the LLM's next-token loss on the answers (the VLM forward).
+- ``L_kd`` (Eq. 2): MSE between the student's patch tokens (select layer, before the projector) and
+  each teacher's tokens, mapped to the student grid and width by its adapter; weighted per token by
+  the CLIP-role teacher's [CLS] attention (Eq. 3) and per teacher by Eq. 4.
+- ``L_bal``: the load-balance loss over the router probabilities of every MoLE layer.
+
+Teachers are registered submodules (``.to()``, dtype casts and DDP see them) but frozen and kept out
+of optimisers and checkpoints (``movekd.teachers.base``). Teacher 0 plays the CLIP role: its tokens
+must already match the student's grid and width (as in the paper, where the student is initialised
+from it), so it has no adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from movekd.functional import balance_loss, kd_loss_per_teacher, teacher_weight, token_weight
+from movekd.mole import collect_router_probs
+from movekd.train.config import KDConfig
+from movekd.train.teacher_cache import CachedTeacher, TeacherCache
+
+
+@dataclass
+class StepLosses:
+    total: Tensor
+    text: Tensor
+    kd: Tensor | None = None
+    balance: Tensor | None = None
+    # detached diagnostics for logging
+    kd_per_teacher: list[float] = field(default_factory=list)
+    teacher_weights: list[float] = field(default_factory=list)
+    expert_usage: list[float] = field(default_factory=list)
+
+    def scalars(self) -> dict[str, float]:
+        out = {"loss": self.total.item(), "text": self.text.item()}
+        if self.kd is not None:
+            out["kd"] = self.kd.item()
+        if self.balance is not None:
+            out["balance"] = self.balance.item()
+        for name, values in (("kd_t", self.kd_per_teacher), ("w_t", self.teacher_weights),
+                             ("expert", self.expert_usage)):
+            out.update({f"{name}{k}": v for k, v in enumerate(values)})
+        return out
+
+
+class MoveKDModel(nn.Module):
+    def __init__(self, vlm: nn.Module, teachers: list[nn.Module], adapters: list[nn.Module | None],
+                 kd: KDConfig, student_grid: tuple[int, int], teacher_names: list[str] | None = None,
+                 cache: TeacherCache | None = None):
+        super().__init__()
+        if len(adapters) != len(teachers):
+            raise ValueError(f"{len(teachers)} teachers but {len(adapters)} adapters")
+        self.vlm = vlm
+        self.teachers = nn.ModuleList(teachers)
+        # Identity keeps indices aligned: teacher 0 (CLIP role) is used as is.
+        self.adapters = nn.ModuleList([a if a is not None else nn.Identity() for a in adapters])
+        self.kd = kd
+        self.student_grid = tuple(student_grid)
+        self.teacher_names = teacher_names or [f"t{k}" for k in range(len(teachers))]
+        self.cache = cache
+
+    # --- teachers ---------------------------------------------------------------------------------
+    def _run_teacher(self, k: int, images: Tensor) -> list[CachedTeacher]:
+        out = self.teachers[k](images)
+        weight = token_weight(out.attn) if (k == 0 and self.kd.token_weight and out.attn is not None) else None
+        return [
+            CachedTeacher(out.tokens[b], out.cls[b] if out.cls is not None else None,
+                          weight[b] if weight is not None else None)
+            for b in range(out.tokens.shape[0])
+        ] + [out.grid]
+
+    def teacher_outputs(self, k: int, images: Tensor, keys: list[str] | None):
+        """Per-sample teacher outputs (from the cache where possible) and the teacher's grid."""
+        if self.cache is None or keys is None:
+            *items, grid = self._run_teacher(k, images)
+            return items, grid
+        found = [self.cache.get(k, key) for key in keys]
+        missing = [b for b, item in enumerate(found) if item is None]
+        if missing:
+            *computed, grid = self._run_teacher(k, images[missing])
+            self.cache.grids[k] = grid
+            for b, item in zip(missing, computed):
+                found[b] = item
+                self.cache.put(k, keys[b], CachedTeacher(*(t.detach().cpu() if t is not None else None
+                                                            for t in (item.tokens, item.cls, item.token_weight))))
+        device = images.device
+        return [CachedTeacher(*(t.to(device) if t is not None else None
+                                for t in (i.tokens, i.cls, i.token_weight))) for i in found], self.cache.grids[k]
+
+    # --- losses -----------------------------------------------------------------------------------
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                has_image: Tensor | None = None, image_keys: list[str] | None = None,
+                use_kd: bool = True) -> StepLosses:
+        out = self.vlm(images, input_ids, attention_mask, labels)
+        text = out.loss
+        total = text
+        losses = StepLosses(total=total, text=text)
+        student = out.vision
+        if not (use_kd and self.kd.enabled):
+            return losses
+
+        router_probs = getattr(student, "router_probs", None)
+        if router_probs is None:
+            router_probs = collect_router_probs(self.vlm.vision)
+        if router_probs:
+            balance = balance_loss(router_probs)
+            losses.balance = balance
+            total = total + self.kd.lambda_balance * balance
+            with torch.no_grad():
+                usage = torch.cat([p.reshape(-1, p.shape[-1]) for p in router_probs]).argmax(-1)
+                counts = torch.bincount(usage, minlength=router_probs[0].shape[-1]).float()
+                losses.expert_usage = (counts / counts.sum()).tolist()
+
+        if len(self.teachers):
+            select = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            if has_image is not None and not self.kd.kd_on_text_only:
+                select = has_image.to(images.device).bool()
+            if select.any():
+                kd, per_teacher, weights = self._kd(student.tokens[select], images[select],
+                                                    [key for key, s in zip(image_keys, select.tolist()) if s]
+                                                    if image_keys is not None else None)
+                losses.kd = kd
+                losses.kd_per_teacher = per_teacher
+                losses.teacher_weights = weights
+                total = total + self.kd.lambda_kd * kd
+        losses.total = total
+        return losses
+
+    def _kd(self, student_tokens: Tensor, images: Tensor, keys: list[str] | None):
+        adapted, clip_cls, weight = [], None, None
+        for k in range(len(self.teachers)):
+            items, grid = self.teacher_outputs(k, images, keys)
+            tokens = torch.stack([i.tokens for i in items])
+            if k == 0:
+                if tokens.shape[1:] != student_tokens.shape[1:]:
+                    raise ValueError(
+                        f"CLIP-role teacher '{self.teacher_names[0]}' gives tokens {tuple(tokens.shape[1:])} but "
+                        f"the student gives {tuple(student_tokens.shape[1:])}: teacher 0 must match the student's "
+                        "grid and width (same architecture and input size)")
+                if items[0].cls is not None:
+                    clip_cls = torch.stack([i.cls for i in items])
+                if items[0].token_weight is not None:
+                    weight = torch.stack([i.token_weight for i in items])
+                adapted.append(tokens)
+            else:
+                adapted.append(self.adapters[k](tokens.to(student_tokens.dtype), grid, self.student_grid))
+        per_teacher = kd_loss_per_teacher(student_tokens, adapted, weight if self.kd.token_weight else None)
+        if clip_cls is not None and (self.kd.teacher_weight or len(adapted) > 1):
+            weights = teacher_weight(clip_cls, adapted, alpha=self.kd.alpha, adaptive=self.kd.teacher_weight)
+        else:
+            weights = torch.full_like(per_teacher, 1.0 / per_teacher.shape[1])
+        kd = (weights * per_teacher).sum(-1).mean()
+        with torch.no_grad():
+            return kd, per_teacher.mean(0).tolist(), weights.float().mean(0).tolist()

@@ -1,0 +1,269 @@
+"""The training loop: stages on HF Accelerate, gradient accumulation, logging, checkpoints, resume.
+
+Accelerate owns devices, mixed precision (bf16/fp16 autocast) and multi-process wrapping (DDP);
+this loop owns the MoVE-KD specifics: which parameters train in each stage, the loss terms, and a
+data order that a resumed run continues exactly (``ResumableSampler``, RNG states in checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from movekd.atomic import atomic_write_text
+from movekd.data import Collator, SkipCounter
+from movekd.train import checkpoint as ckpt
+from movekd.train.build import System, build_system, stage_dataset
+from movekd.train.config import TrainConfig, config_dict
+from movekd.train.groups import set_trainable
+from movekd.train.metrics_log import MetricsLog
+from movekd.train.optim import build_optimizer, build_scheduler
+from movekd.train.sampler import ResumableSampler
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 10  # consecutive non-finite losses before giving up
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    seconds: float
+    first: dict = field(default_factory=dict)  # mean of the first logged window
+    last: dict = field(default_factory=dict)  # mean of the last logged window
+    stopped_early: bool = False
+    skipped_samples: int = 0
+    bad_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    stages: list[StageResult]
+    seconds: float
+    system: System | None = None
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # cpu=True when no accelerator is present keeps gloo + CPU autocast; on GPUs nothing changes.
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def _mean(records: list[dict]) -> dict:
+    keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float))}
+    return {k: sum(r[k] for r in records if k in r) / sum(1 for r in records if k in r) for k in sorted(keys)}
+
+
+def train(config: TrainConfig, *, resume: Path | None = None, show_progress: bool = True,
+          system: System | None = None, accelerator=None, on_log: Callable[[dict], None] | None = None,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Run every stage of ``config``; return where the run lives and what each stage did.
+
+    ``resume``: a checkpoint folder or a run folder (its newest checkpoint). ``stop_after_steps``
+    stops after that many optimiser steps in all (a checkpoint is written first): for tests.
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or make_accelerator(config)
+    run_dir = config.run_dir
+    state = {"stage": 0, "step": 0, "epoch": 0, "position": 0, "global_step": 0, "skips": {},
+             "bad_steps": 0, "results": []}
+    resume_dir = None
+    if resume is not None:
+        resume_dir = ckpt.latest_checkpoint(Path(resume))
+        if resume_dir is None:
+            raise FileNotFoundError(f"no checkpoint found in {resume}")
+        state.update(ckpt.load_trainer_state(resume_dir))
+        log.info("resuming from %s (stage %d, step %d)", resume_dir, state["stage"], state["step"])
+    set_seed(config.seed)
+    system = system or build_system(config, device=accelerator.device)
+    model = system.model
+    if resume_dir is not None:
+        missing, unexpected = model.load_state_dict(ckpt.load_weights(resume_dir / ckpt.WEIGHTS), strict=False)
+        missing = [k for k in missing if not k.startswith("teachers.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {resume_dir} does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(config_dict(config), indent=1))
+    metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
+    results = [StageResult(**r) for r in state.pop("results", [])]
+    start_time = time.perf_counter()
+    total_steps_done = 0
+
+    for stage_index, stage in enumerate(config.stages):
+        if stage_index < state["stage"]:
+            continue
+        resuming_here = resume_dir is not None and stage_index == state["stage"]
+        fresh = not (resuming_here and state["step"] > 0)
+        state["stage"] = stage_index
+        if not fresh:
+            log.info("stage %s: continuing at step %d", stage.name, state["step"])
+        groups = set_trainable(system, stage.train)
+        if accelerator.is_main_process:
+            for line in system.describe_trainable(stage.name).splitlines():
+                log.info(line)
+        lrs = {name: stage.lrs.get(name, stage.lr) for name in groups}
+        optimizer = build_optimizer(groups, lrs, stage.weight_decay)
+        dataset = stage_dataset(system, config, stage)
+        per_step = stage.batch_size * stage.grad_accum * accelerator.num_processes
+        steps_per_epoch = max(1, len(dataset) // per_step)
+        total = stage.max_steps or max(1, math.ceil(stage.epochs * len(dataset) / per_step))
+        scheduler = build_scheduler(optimizer, total, stage.warmup_ratio)
+        if not fresh:
+            optimizer.load_state_dict(ckpt.load_torch_state(resume_dir / "optimizer.pt"))
+            scheduler.load_state_dict(ckpt.load_torch_state(resume_dir / "scheduler.pt"))
+        else:
+            state.update(step=0, epoch=0, position=0, skips={}, bad_steps=0)
+        if resuming_here:
+            ckpt.set_rng_state(state["rng"])
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        prepared.train()
+        skips = SkipCounter()
+        skips.load_state_dict(state["skips"])
+        collate = Collator(system.pad_token_id, padding_side="right", image_size=system.image_size)
+        stage_start = time.perf_counter()
+        window: list[dict] = []
+        first: dict = {}
+        last: dict = {}
+        stopped_early = False
+        bar = tqdm(total=total, initial=state["step"], desc=f"stage {stage.name}", unit="step",
+                   disable=not (show_progress and accelerator.is_main_process), dynamic_ncols=True)
+        step_records: list[dict] = []
+
+        def save(tag: str) -> None:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                weights = system.checkpoint_weights()
+                trainer_state = {**state, "results": [r.__dict__ for r in results],
+                                 "skips": skips.state_dict()}
+                folder = ckpt.save_checkpoint(run_dir / "checkpoints" / tag, weights=weights,
+                                              optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                              else optimizer, scheduler=scheduler,
+                                              trainer_state=trainer_state, config=config_dict(config))
+                ckpt.prune_checkpoints(run_dir, config.keep_checkpoints, protect=[folder])
+            accelerator.wait_for_everyone()
+
+        done = state["step"] >= total
+        while not done:
+            sampler = ResumableSampler(len(dataset), config.seed + stage_index, state["epoch"], state["position"],
+                                       rank=accelerator.process_index, world=accelerator.num_processes)
+            loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=config.num_workers, drop_last=True,
+                                persistent_workers=False, generator=torch.Generator().manual_seed(config.seed))
+            micro = 0
+            for batch in loader:
+                state["position"] += stage.batch_size * accelerator.num_processes
+                skips.update(batch)
+                if batch["input_ids"].shape[0] == 0:
+                    continue
+                sync = (micro + 1) % stage.grad_accum == 0
+                context = accelerator.no_sync(prepared) if not sync else nullcontext()
+                with context, accelerator.autocast():
+                    losses = prepared(
+                        images=batch["images"].to(accelerator.device),
+                        input_ids=batch["input_ids"].to(accelerator.device),
+                        attention_mask=batch["attention_mask"].to(accelerator.device),
+                        labels=batch["labels"].to(accelerator.device),
+                        has_image=batch["has_image"].to(accelerator.device),
+                        image_keys=[dataset.image_key(i) for i in batch["indices"]],
+                        use_kd=stage.kd,
+                    )
+                    if not torch.isfinite(losses.total):
+                        state["bad_steps"] += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        log.warning("non-finite loss at stage %s step %d (%s); step skipped",
+                                    stage.name, state["step"], losses.scalars())
+                        if state["bad_steps"] >= MAX_BAD_STEPS:
+                            save(f"nonfinite-step{state['global_step']}")
+                            raise NonFiniteLossError(
+                                f"{MAX_BAD_STEPS} non-finite losses in stage {stage.name}; last terms "
+                                f"{losses.scalars()}. A checkpoint before the failure is in {run_dir}/checkpoints; "
+                                "try a lower learning rate or precision=fp32")
+                        micro = 0
+                        continue
+                    accelerator.backward(losses.total / stage.grad_accum)
+                step_records.append(losses.scalars())
+                micro += 1
+                if not sync:
+                    continue
+                accelerator.clip_grad_norm_([p for g in groups.values() for p in g], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                micro = 0
+                state["step"] += 1
+                state["global_step"] += 1
+                state["bad_steps"] = 0
+                total_steps_done += 1
+                bar.update()
+                record = _mean(step_records)
+                step_records = []
+                window.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **({"kd": f"{record['kd']:.3f}"} if "kd" in record else {}))
+                if state["step"] % config.log_every == 0 or state["step"] == total:
+                    mean = _mean(window)
+                    window = []
+                    first = first or mean
+                    last = mean
+                    entry = {"stage": stage.name, "step": state["step"], "global_step": state["global_step"],
+                             "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - stage_start, 2),
+                             "skipped": skips.total, **mean}
+                    metrics.write(entry)
+                    if on_log:
+                        on_log(entry)
+                out_of_time = stage.max_minutes is not None and (time.perf_counter() - stage_start) > 60 * stage.max_minutes
+                stop_now = stop_after_steps is not None and total_steps_done >= stop_after_steps
+                if config.save_every and state["step"] % config.save_every == 0 or stop_now:
+                    save(f"step-{state['global_step']:07d}")
+                if stop_now:
+                    bar.close()
+                    metrics.close()
+                    return TrainResult(run_dir, run_dir / "final", results, time.perf_counter() - start_time, system)
+                if state["step"] >= total or out_of_time:
+                    stopped_early = out_of_time and state["step"] < total
+                    done = True
+                    break
+            else:
+                state["epoch"] += 1
+                state["position"] = 0
+        bar.close()
+        if window:
+            mean = _mean(window)
+            first = first or mean
+            last = mean
+        if stopped_early:
+            log.info("stage %s stopped at its time limit after %d of %d steps", stage.name, state["step"], total)
+        results.append(StageResult(stage.name, state["step"], round(time.perf_counter() - stage_start, 2),
+                                   first, last, stopped_early, skips.total, state["bad_steps"]))
+        state.update(stage=stage_index + 1, step=0, epoch=0, position=0, skips={}, bad_steps=0)
+        save(f"stage-{stage_index}-{stage.name}")
+        accelerator.free_memory()
+        model = system.model
+
+    metrics.close()
+    final = run_dir / "final"
+    if accelerator.is_main_process:
+        system.save_inference(final, extra={"train_config": config_dict(config)})
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, final, results, time.perf_counter() - start_time, system)

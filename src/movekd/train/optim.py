@@ -1,0 +1,38 @@
+"""Optimiser and schedule: AdamW over named parameter groups, cosine decay with linear warm-up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], lrs: dict[str, float],
+                    weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """One AdamW param group per named group (so each can have its own learning rate)."""
+    param_groups = [
+        {"params": params, "lr": lrs[name], "name": name, "weight_decay": weight_decay}
+        for name, params in groups.items() if params
+    ]
+    if not param_groups:
+        raise ValueError("no trainable parameters: check the stage's `train` groups")
+    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
+
+
+class CosineWithWarmup:
+    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total`` (as LLaVA)."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, max(total, 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:
+    warmup = math.ceil(total_steps * warmup_ratio)
+    return LambdaLR(optimizer, CosineWithWarmup(warmup, total_steps))
