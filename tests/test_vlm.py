@@ -217,3 +217,20 @@ def test_projectors():
     assert build_projector("linear", 8, 12).config == {"type": "linear", "in_dim": 8, "out_dim": 12}
     with pytest.raises(ValueError, match="unknown projector"):
         build_projector("qformer", 8, 12)
+
+
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(tok):
+    vlm = make_vlm(tok).double()
+    batch, _ = make_batch(tok)
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    full = vlm(*args)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+    vlm.zero_grad()
+    sparse = vlm(*args, supervised_logits_only=True)
+    assert sparse.logits is None
+    torch.testing.assert_close(sparse.loss, full.loss)
+    sparse.loss.backward()
+    for n, p in vlm.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], msg=n)

@@ -20,6 +20,7 @@ class LoadedVLM:
     image_size: int
     template: str
     precision: str
+    system_prompt: str | None = None
 
     def autocast(self):
         device = next(self.vlm.parameters()).device.type
@@ -47,12 +48,13 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
 
     bundle = resolve_bundle(path)
     config = read_config(bundle)
-    vlm = load_vlm(bundle, build_vision=build_student, device=device)
     train = config.get("extra", {}).get("train_config", {})
+    attn = train.get("model", {}).get("llm_attn_implementation", "sdpa")
+    vlm = load_vlm(bundle, build_vision=build_student, device=device, attn_implementation=attn)
     image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
     stages = train.get("stages") or [{}]
     return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),
-                     precision or train.get("precision", "fp32"))
+                     precision or train.get("precision", "fp32"), stages[-1].get("system_prompt"))
 
 
 def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
@@ -63,7 +65,7 @@ def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tok
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
     image = read_image(image_path, loaded.image_size)[None]
-    encoder = ConversationEncoder(loaded.tokenizer, loaded.template)
+    encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)
     device = next(loaded.vlm.parameters()).device
     with loaded.autocast():

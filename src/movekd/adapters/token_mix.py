@@ -12,7 +12,6 @@ student grid (a learned, position-specific resampling). Sizes at paper scale: EV
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from movekd.adapters.registry import register_adapter
@@ -53,10 +52,10 @@ class TokenMixAdapter(nn.Module):
                 f"(grid {self.teacher_grid[0]}x{self.teacher_grid[1]}), got {list(tokens.shape)}; it is tied to "
                 "one teacher grid (use 'resample_mlp' for other resolutions)"
             )
-        if teacher_grid is not None and tuple(teacher_grid) != self.teacher_grid:
-            raise ValueError(f"token_mix adapter was built for teacher grid {self.teacher_grid}, got {tuple(teacher_grid)}")
-        if student_grid is not None and tuple(student_grid) != self.student_grid:
-            raise ValueError(f"token_mix adapter was built for student grid {self.student_grid}, got {tuple(student_grid)}")
+        grids = (("teacher", teacher_grid, self.teacher_grid), ("student", student_grid, self.student_grid))
+        for which, given, built in grids:
+            if given is not None and tuple(given) != built:
+                raise ValueError(f"token_mix adapter was built for {which} grid {built}, got {tuple(given)}")
         h = self.act(self.channel_proj(tokens))  # [B, N_t, D]; GELU is elementwise, transpose later
         return self.token_proj(h.transpose(1, 2)).transpose(1, 2)  # mix over tokens: [B, N, D]
 

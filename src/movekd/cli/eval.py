@@ -35,7 +35,7 @@ def _run(args) -> int:
         return 2
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
-                        prior_data=args.prior_data)
+                        system_prompt=loaded.system_prompt, prior_data=args.prior_data)
     result = run_eval(loaded, config)
     if args.json:
         print(json.dumps(result, indent=1))

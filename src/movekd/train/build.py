@@ -51,7 +51,8 @@ def load_llm(config: TrainConfig, device):
     path = str(resolve_path(ref)) if ref.startswith(ASSET_PREFIX) else ref
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                   attn_implementation=config.model.llm_attn_implementation)
     except OSError as error:
         raise OSError(f"could not load the LLM '{ref}': {error}. Offline, point model.llm at a local folder "
                       "(config.json + safetensors + tokenizer) or use asset:smollm2") from error
@@ -133,7 +134,10 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
     cache = TeacherCache() if config.teacher_cache and not meta else None
     model = MoveKDModel(vlm, teachers, adapters, kd, grid, [t.name for t in teachers], cache=cache)
     image_size = config.image_size or max([student.spec.image_size] + [t.spec.image_size for t in teachers])
-    return System(model, tokenizer, config, image_size, student.num_tokens, always_frozen)
+    from movekd.vlm.projector import projected_tokens
+
+    return System(model, tokenizer, config, image_size, projected_tokens(config.model.projector, student.num_tokens),
+                  always_frozen)
 
 
 def _adapter_for(config: TrainConfig, teacher: nn.Module, dim: int, grid: tuple[int, int], device) -> nn.Module:
@@ -172,6 +176,6 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> St
     if stage.max_samples is not None and stage.max_samples < len(samples):
         samples = random.Random(config.seed).sample(samples, stage.max_samples)
     encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
-                                  num_image_tokens=system.num_image_tokens)
+                                  num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt)
     root = resolve_path(stage.image_root) if stage.image_root else path.parent
     return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size))

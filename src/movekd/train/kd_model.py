@@ -100,7 +100,7 @@ class MoveKDModel(nn.Module):
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 has_image: Tensor | None = None, image_keys: list[str] | None = None,
                 use_kd: bool = True) -> StepLosses:
-        out = self.vlm(images, input_ids, attention_mask, labels)
+        out = self.vlm(images, input_ids, attention_mask, labels, supervised_logits_only=True)
         text = out.loss
         total = text
         losses = StepLosses(total=total, text=text)

@@ -62,9 +62,14 @@ class TrainResult:
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
+    from accelerate.utils import DistributedDataParallelKwargs
+
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # Top-1 routing leaves experts that no token chose in a batch without gradient: DDP must expect
+    # unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # cpu=True when no accelerator is present keeps gloo + CPU autocast; on GPUs nothing changes.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def _mean(records: list[dict]) -> dict:

@@ -17,7 +17,11 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], lrs: dict[str, 
     ]
     if not param_groups:
         raise ValueError("no trainable parameters: check the stage's `train` groups")
-    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay)
+    # The fused kernel is ~5x faster than the default for-loop on CPU (and exists on CUDA too).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                for group in param_groups for p in group["params"])
+    return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay,
+                             fused=fused or None)
 
 
 class CosineWithWarmup:

@@ -29,7 +29,7 @@ class VLMOutput:
     """What :meth:`MoveKDVLM.forward` returns."""
 
     loss: torch.Tensor | None  # LM cross-entropy (HF semantics: mean over supervised tokens), or None
-    logits: torch.Tensor  # [B, L', V] on the merged sequence
+    logits: torch.Tensor | None  # [B, L', V] on the merged sequence (None with supervised_logits_only)
     vision: Any  # the vision module's output (``.tokens`` [B,N,D] etc.): reuse it for the KD loss
     attention_mask: torch.Tensor  # [B, L'] merged
     labels: torch.Tensor | None  # [B, L'] merged (-100 on image tokens and padding)
@@ -145,16 +145,34 @@ class MoveKDVLM(nn.Module):
 
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                padding_side: str | None = None, **llm_kwargs) -> VLMOutput:
+                padding_side: str | None = None, supervised_logits_only: bool = False,
+                **llm_kwargs) -> VLMOutput:
         """LM loss (if ``labels``) and logits on the merged sequence, plus the vision output for KD.
 
-        ``llm_kwargs`` go to the LLM's forward (e.g. ``num_items_in_batch``, ``logits_to_keep``).
+        ``supervised_logits_only`` (training): apply the LM head only at the positions that predict a
+        supervised token. The loss is the same (mean cross-entropy over supervised tokens, as HF
+        computes it), but the ``[B, L, vocab]`` logits are never built: with a 49k vocabulary and
+        answers of a few tokens that is about a fifth of a small LLM's training FLOPs. ``logits`` is
+        then None. ``llm_kwargs`` go to the LLM's forward (e.g. ``logits_to_keep``).
         """
         vision_out, embeds, mask, position_ids, new_labels = self.prepare_inputs(
             images, input_ids, attention_mask, labels, padding_side=padding_side)
+        if supervised_logits_only and new_labels is not None:
+            loss = self._supervised_loss(embeds, mask, position_ids, new_labels, **llm_kwargs)
+            return VLMOutput(loss=loss, logits=None, vision=vision_out, attention_mask=mask, labels=new_labels)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                        labels=new_labels, **llm_kwargs)
         return VLMOutput(loss=out.loss, logits=out.logits, vision=vision_out, attention_mask=mask, labels=new_labels)
+
+    def _supervised_loss(self, embeds, mask, position_ids, labels, **llm_kwargs) -> torch.Tensor:
+        base = getattr(self.llm, self.llm.base_model_prefix)
+        hidden = base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                      **llm_kwargs).last_hidden_state
+        # Position t predicts token t+1 (the shift of HF's causal-LM loss).
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor | None, input_ids: torch.Tensor,

@@ -5,12 +5,17 @@ its state-dict keys (``0.weight``, ``2.weight``, ...) match LLaVA's ``model.mm_p
 official projector can be loaded after stripping that prefix. ``mlp{N}x_gelu`` generalises to N
 linear layers (LLaVA's regex). ``linear`` is a single ``Linear(D_v, D_llm)``.
 
+``pool{K}_{name}`` (e.g. ``pool2_mlp2x_gelu``) first average-pools the square token grid by K x K
+(64 tokens of an 8 x 8 grid become 16), then applies ``{name}``: the LLM sees K² times fewer image
+tokens, while the KD loss still uses every student token.
+
 Every projector carries ``.config = {"type", "in_dim", "out_dim"}``, from which
 :func:`build_projector` rebuilds it (used by :mod:`movekd.vlm.io`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -59,9 +64,36 @@ def identity_projector(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Identity()
 
 
+class GridPoolProjector(nn.Module):
+    """K x K average pooling of a square row-major token grid, then a projector."""
+
+    def __init__(self, pool: int, inner: nn.Module):
+        super().__init__()
+        self.pool = pool
+        self.inner = inner
+
+    def forward(self, tokens):
+        batch, count, dim = tokens.shape
+        side = math.isqrt(count)
+        if side * side != count or side % self.pool:
+            raise ValueError(f"pool{self.pool} projector needs a square grid divisible by {self.pool}, "
+                             f"got {count} tokens")
+        grid = tokens.transpose(1, 2).reshape(batch, dim, side, side)
+        pooled = nn.functional.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)
+        return self.inner(pooled)
+
+
+def projected_tokens(name: str, count: int) -> int:
+    """How many tokens projector ``name`` hands the LLM for ``count`` vision tokens."""
+    m = re.fullmatch(r"pool(\d+)_(.+)", name)
+    return count // int(m.group(1)) ** 2 if m else count
+
+
 def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
     """Build a registered projector (or ``mlp{N}x_gelu``); the result has a ``.config`` dict."""
-    if name in _PROJECTORS:
+    if (m := re.fullmatch(r"pool(\d+)_(.+)", name)) and int(m.group(1)) >= 1:
+        module = GridPoolProjector(int(m.group(1)), build_projector(m.group(2), in_dim, out_dim))
+    elif name in _PROJECTORS:
         module = _PROJECTORS[name](in_dim, out_dim)
     elif (m := re.fullmatch(r"mlp(\d+)x_gelu", name)) and int(m.group(1)) >= 1:
         module = _mlp_gelu(int(m.group(1)), in_dim, out_dim)

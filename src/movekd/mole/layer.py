@@ -1,0 +1,316 @@
+"""The MoLE FFN: a ViT block's FFN plus per-token routed LoRA experts (paper Eq. 1).
+
+Eq. 1:  F*(x) = F(x) + E_i(x),  i = argmax Softmax(f(x)),  f = Linear(d, E), per token.
+
+An expert is a *pair* of LoRAs, one added to fc1 and one to fc2, picked by the same routing decision
+(official-movekd.md §4):  h = fc1(x) + down_i(x);  a = act(h);  y = fc2(a) + up_i(a).
+Routing modes (``routing=``):
+
+- ``"sparse"`` (official / paper): top-1, expert output *not* scaled by its gate. The task and KD
+  losses give the router no gradient; only the balance loss trains it.
+- ``"gated"``: top-1, expert output scaled by its gate probability (router learns from the task).
+- ``"dense"``: gate-weighted sum of all experts (the official unused ``dense`` flag).
+- ``"topk"``: the ``top_k`` most probable experts, gates renormalised over them.
+
+Three execution paths give the same numbers (tested against a plain per-expert reference):
+
+- *grouped* (default for sparse/gated, training and inference): tokens are sorted by expert once
+  (one d-wide row gather), each expert's LoRA runs on its contiguous segment only (LoRA costs one
+  expert's FLOPs), the wide LoRA output (with fc1's bias folded in) is written first and the big
+  fc1/fc2 GEMMs accumulate onto it in place over *all* tokens, and one d-wide gather restores the
+  token order. Nothing H-wide is gathered, scattered or concatenated (``movekd.mole.kernels``).
+- *folded* (opt-in ``fold_inference=True``; sparse, eval, no autograd): each expert folded into its
+  own cached copy of fc1/fc2, so no LoRA FLOPs; but fc1/fc2 then run once per expert segment, and on
+  CPU each call re-packs the full weight. At CLIP-L shapes, 2 threads, batch 1-2 that cost more than it
+  saved (+11-15% vs +7-9% for grouped), and it stores E extra copies of fc1+fc2 per layer (CLIP-L,
+  E=3: 604M values), hence off by default. The cache is rebuilt when a weight changes and dropped
+  on ``train()``.
+- *stacked* (dense, topk, and every mode under ``torch.compile`` or on the meta device): all experts
+  in one GEMM pair with a per-token gate matrix; static shapes, no host sync, E times the LoRA FLOPs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from movekd.mole.kernels import permute_rows, segmented_linear, segmented_lora_in
+from movekd.mole.lora import LoRAExpert
+
+ROUTINGS = ("sparse", "gated", "dense", "topk")
+_TICKS = itertools.count()  # global order of router-probability records
+
+
+class MoLEFFN(nn.Module):
+    """Mixture-of-LoRA-Experts FFN wrapping an existing ``fc1 -> act [-> ...] -> fc2 [-> ...]`` MLP.
+
+    The original sub-modules stay registered under their original names (``fc1``, ``fc2``,
+    ``activation_fn`` / ``act``, timm's ``drop1``, ``norm``, ``drop2``), so the base weights keep their
+    state-dict keys (``...mlp.fc1.weight``). New parameters: ``router.{weight,bias}``,
+    ``moe_down.{e}.lora_{A,B}.{weight,bias}`` (on fc1) and ``moe_up.{e}.lora_{A,B}.{weight,bias}`` (on
+    fc2); the official checkpoints use the same names except that their base weights sit under
+    ``original_module.``.
+
+    Router probabilities of the last forward are kept (``router_probs``) only when training with
+    autograd on, or when ``record_probs`` is True; see ``movekd.mole.collect_router_probs``.
+    """
+
+    def __init__(
+        self,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        mid: Sequence[tuple[str, nn.Module]],
+        post: Sequence[tuple[str, nn.Module]] = (),
+        *,
+        num_experts: int = 3,
+        rank: int = 32,
+        alpha: float = 1.0,
+        dropout: float = 0.05,
+        routing: str = "sparse",
+        top_k: int = 2,
+        init: str = "paper",
+        fold_inference: bool = False,
+    ) -> None:
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; expected one of {ROUTINGS}")
+        if num_experts < 1 or rank < 1:
+            raise ValueError(f"num_experts and rank must be >= 1, got {num_experts} and {rank}")
+        if routing == "topk" and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.fc1 = fc1
+        self.fc2 = fc2
+        # Everything between fc1 and fc2 (activation, timm's drop1/norm) and after fc2 (timm's drop2),
+        # registered under the original names so the base state-dict keys do not move.
+        self._mid_names = tuple(name for name, _ in mid)
+        self._post_names = tuple(name for name, _ in post)
+        for name, module in (*mid, *post):
+            self.add_module(name, module)
+
+        factory = {"device": fc1.weight.device, "dtype": fc1.weight.dtype}
+        d_in, hidden, d_out = fc1.in_features, fc1.out_features, fc2.out_features
+        self.router = nn.Linear(d_in, num_experts, bias=True, **factory)
+        experts = range(num_experts)
+        self.moe_down = nn.ModuleList(LoRAExpert(d_in, hidden, rank, alpha, init, **factory) for _ in experts)
+        self.moe_up = nn.ModuleList(LoRAExpert(hidden, d_out, rank, alpha, init, **factory) for _ in experts)
+        self.num_experts = num_experts
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.lora_dropout = dropout
+        self.routing = routing
+        self.top_k = top_k
+        self.fold_inference = fold_inference
+        self.record_probs: bool = False
+        self.router_probs: Tensor | None = None
+        self.router_tick: int | None = None
+        self._fold_cache: tuple | None = None
+        self._fold_key: tuple | None = None
+
+    # ------------------------------------------------------------------ public helpers
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"routing={self.routing!r}, dropout={self.lora_dropout}"
+        )
+
+    def train(self, mode: bool = True) -> "MoLEFFN":
+        if mode:
+            self.clear_fold_cache()  # weights are about to change; free E copies of fc1/fc2
+        return super().train(mode)
+
+    def clear_fold_cache(self) -> None:
+        self._fold_cache = None
+        self._fold_key = None
+
+    def gates(self, probs: Tensor) -> Tensor:
+        """Per-token expert weights ``[T, E]`` of the current routing mode (what multiplies each
+        expert's LoRA output): one-hot (sparse, no gradient), one-hot * p (gated), p (dense),
+        renormalised top-k p (topk)."""
+        if self.routing == "dense":
+            return probs
+        if self.routing == "topk":
+            top, idx = probs.topk(self.top_k, dim=-1)
+            return torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        onehot = F.one_hot(probs.argmax(-1), self.num_experts).to(probs.dtype)
+        return onehot * probs if self.routing == "gated" else onehot
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Cast once to the autocast dtype and run the body with autocast off: the custom kernels
+            # and the in-place GEMMs below then see one dtype, exactly as autocast would give them.
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(x.to(dtype), dtype)
+        return self._forward(x, None)
+
+    def _forward(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        # Softmax in float32: bf16 logits give visibly quantised gates.
+        logits = F.linear(x2, _cast(self.router.weight, dtype), _cast(self.router.bias, dtype))
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        if self.record_probs or (self.training and torch.is_grad_enabled()):
+            self.router_probs = probs.view(*lead, self.num_experts)
+            # Order stamp for collect_router_probs (a Python counter would force recompiles: skip
+            # it under torch.compile, where the root pre-hook alone keeps records fresh).
+            self.router_tick = None if torch.compiler.is_compiling() else next(_TICKS)
+        # Data-dependent segment sizes need real values: compile, meta tensors and empty inputs take
+        # the static-shape stacked path.
+        if (self.routing in ("dense", "topk") or torch.compiler.is_compiling() or x2.device.type == "meta"
+                or x2.shape[0] == 0):
+            y = self._forward_stacked(x2, self.gates(probs), dtype)
+        elif self.routing == "sparse" and self.fold_inference and not self.training and not torch.is_grad_enabled():
+            y = self._forward_folded(x2, probs.argmax(-1), dtype)
+        else:
+            expert = probs.argmax(-1)
+            gate = probs.gather(1, expert[:, None]) if self.routing == "gated" else None
+            y = self._forward_grouped(x2, expert, gate, dtype)
+        return y.view(*lead, y.shape[-1])
+
+    def _mid(self, h: Tensor, dtype: torch.dtype | None) -> Tensor:
+        if dtype is not None:
+            # activation / norm run under the caller's autocast, as they would without MoLE
+            with torch.autocast(h.device.type, dtype=dtype):
+                for name in self._mid_names:
+                    h = getattr(self, name)(h)
+            return h.to(dtype)
+        for name in self._mid_names:
+            h = getattr(self, name)(h)
+        return h
+
+    def _post(self, y: Tensor) -> Tensor:
+        for name in self._post_names:
+            y = getattr(self, name)(y)
+        return y
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+    # ------------------------------------------------------------------ grouped (top-1)
+    def _forward_grouped(self, x: Tensor, expert: Tensor, gate: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+        order, inverse, counts = _group_by_expert(expert, self.num_experts)
+        xs = permute_rows(x, order, inverse)  # the only gather of inputs (d wide)
+        gs = permute_rows(gate, order, inverse).to(x.dtype) if gate is not None else None
+        # h = fc1(x) + down_e(x): the LoRA output (with fc1's bias folded in) is written first, then
+        # the big GEMM accumulates onto it in place, so the H-wide hidden is written once, as in a
+        # plain Linear (which also writes its broadcast bias before the GEMM).
+        h = self._lora_grouped(self.moe_down, self.fc1, xs, counts, gs, dtype)
+        h = h.addmm_(xs, _cast(self.fc1.weight, dtype).t())
+        a = self._mid(h, dtype)
+        y = self._lora_grouped(self.moe_up, self.fc2, a, counts, gs, dtype)
+        y = y.addmm_(a, _cast(self.fc2.weight, dtype).t())
+        return self._post(permute_rows(y, inverse, order))  # back to token order (d wide)
+
+    def _lora_grouped(
+        self, experts: nn.ModuleList, base: nn.Linear, z: Tensor, counts: list[int], gate: Tensor | None,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        """``base.bias + g * lora_e(drop(z))`` on each expert's segment of the sorted tokens."""
+        used = [e for e, n in enumerate(counts) if n]
+        seg_counts = [counts[e] for e in used]
+        low = segmented_lora_in(
+            z, seg_counts, self._dropout_p(),
+            [_cast(experts[e].lora_A.weight, dtype) for e in used],
+            [_cast(experts[e].lora_A.bias, dtype) for e in used],
+        )
+        s = self.scaling
+        b0 = _cast(base.bias, dtype)
+        w_b = [_cast(experts[e].lora_B.weight, dtype) * s for e in used]
+        b_b = [_cast(experts[e].lora_B.bias, dtype) * s for e in used]
+        if gate is None:
+            biases = [b if b0 is None else b + b0 for b in b_b]
+            return segmented_linear(low, seg_counts, w_b, biases)
+        # g * (B low + b) = [g*low, g] @ [B, b]^T: the gate scales the r-wide side only.
+        zero = torch.zeros_like(b_b[0]) if b0 is None else b0
+        return segmented_linear(
+            torch.cat([low * gate, gate], 1), seg_counts,
+            [torch.cat([w, b[:, None]], 1) for w, b in zip(w_b, b_b)], [zero] * len(used),
+        )
+
+    # ------------------------------------------------------------------ folded (sparse inference)
+    def _fold_params(self) -> list[Tensor]:
+        params = [self.fc1.weight, self.fc2.weight]
+        params += [p for p in (self.fc1.bias, self.fc2.bias) if p is not None]
+        params += [p for m in (*self.moe_down, *self.moe_up) for p in m.parameters()]
+        return params
+
+    def _folded_weights(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # The cache key sees in-place updates (optimizer steps, load_state_dict bump ``_version``),
+        # replaced storage (``.to()``, ``param.data = ...`` change ``data_ptr``) and the compute dtype.
+        key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._fold_params())
+        if self._fold_cache is None or key != self._fold_key:
+            self._fold_cache = None  # free the old copies before building new ones
+            with torch.no_grad():
+                folded = _fold(self.fc1, self.moe_down) + _fold(self.fc2, self.moe_up)
+            self._fold_cache = tuple(t.to(dtype) for t in folded) if dtype is not None else folded
+            self._fold_key = key
+        return self._fold_cache
+
+    def _forward_folded(self, x: Tensor, expert: Tensor, dtype: torch.dtype | None) -> Tensor:
+        w1, b1, w2, b2 = self._folded_weights(dtype)
+        order, inverse, counts = _group_by_expert(expert, self.num_experts)
+        xs = x.index_select(0, order)
+        used = [e for e, n in enumerate(counts) if n]
+        seg = [counts[e] for e in used]
+        h = segmented_linear(xs, seg, [w1[e] for e in used], [b1[e] for e in used])
+        y = segmented_linear(self._mid(h, dtype), seg, [w2[e] for e in used], [b2[e] for e in used])
+        return self._post(y.index_select(0, inverse))
+
+    # ------------------------------------------------------------------ stacked (dense / topk / compile)
+    def _forward_stacked(self, x: Tensor, gates: Tensor, dtype: torch.dtype | None) -> Tensor:
+        g = gates.to(x.dtype)
+        h = torch.addmm(self._lora_stacked(self.moe_down, self.fc1, self._drop(x), g, dtype), x,
+                        _cast(self.fc1.weight, dtype).t())
+        a = self._mid(h, dtype)
+        y = torch.addmm(self._lora_stacked(self.moe_up, self.fc2, self._drop(a), g, dtype), a,
+                        _cast(self.fc2.weight, dtype).t())
+        return self._post(y)
+
+    def _drop(self, z: Tensor) -> Tensor:
+        p = self._dropout_p()
+        return F.dropout(z, p, training=True) if p > 0 else z
+
+    def _lora_stacked(
+        self, experts: nn.ModuleList, base: nn.Linear, z: Tensor, gates: Tensor, dtype: torch.dtype | None
+    ) -> Tensor:
+        """``base.bias + sum_e g_e * lora_e(z)`` for all tokens, as two GEMMs over the stacked experts."""
+        w_a = torch.cat([_cast(m.lora_A.weight, dtype) for m in experts], 0)  # [E*r, in]
+        b_a = torch.cat([_cast(m.lora_A.bias, dtype) for m in experts], 0)
+        low = F.linear(z, w_a, b_a) * gates.repeat_interleave(self.rank, dim=1)  # [T, E*r]
+        w_b = torch.cat([_cast(m.lora_B.weight, dtype) for m in experts], 1)  # [out, E*r]
+        b_b = torch.stack([_cast(m.lora_B.bias, dtype) for m in experts], 1)  # [out, E]
+        # g_e * (B_e low_e + b_e) summed over e = [g*low, g] @ [B, b]^T
+        return F.linear(torch.cat([low, gates], 1), torch.cat([w_b, b_b], 1) * self.scaling, _cast(base.bias, dtype))
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def _group_by_expert(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Permutation sorting tokens by expert, its inverse, and the tokens per expert (host ints)."""
+    order = torch.argsort(expert, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    return order, inverse, counts
+
+
+def _fold(base: nn.Linear, experts: nn.ModuleList) -> tuple[Tensor, Tensor]:
+    """``[E, out, in]`` weights and ``[E, out]`` biases of ``base + expert e`` for every e."""
+    weights, biases = [], []
+    w0 = base.weight.float()
+    b0 = base.bias.float() if base.bias is not None else torch.zeros(base.out_features, device=w0.device)
+    for lora in experts:
+        dw, db = lora.delta_weight()
+        weights.append((w0 + dw).to(base.weight.dtype))
+        biases.append((b0 + db).to(base.weight.dtype))
+    return torch.stack(weights), torch.stack(biases)

@@ -1,0 +1,366 @@
+"""MoLE: injection into HF CLIP / DINOv2 and timm ViT, routing semantics, fast paths vs a reference."""
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked
+from timm.models.vision_transformer import VisionTransformer
+from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+from movekd.functional import balance_loss
+from movekd.mole import (
+    MoLEFFN,
+    collect_router_probs,
+    inject_mole,
+    mole_layers,
+    mole_parameters,
+    record_router_probs,
+)
+from movekd.mole import kernels
+
+ROUTINGS = ["sparse", "gated", "dense", "topk"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from threads, and on a shared 2-core machine every parallel region
+    # waits for a descheduled peer (seconds per test instead of milliseconds).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny(family: str) -> torch.nn.Module:
+    """2-block ViTs, width 32, 65 tokens (8x8 patches + CLS)."""
+    if family == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=32, patch_size=4))
+    if family == "dinov2":
+        return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                        image_size=32, patch_size=4))
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2, num_classes=0)
+
+
+def run(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of any of the three families."""
+    if isinstance(model, VisionTransformer):
+        return model.forward_features(images)
+    return model(pixel_values=images).last_hidden_state
+
+
+def reference_ffn(m: MoLEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Straightforward MoLE FFN: every expert on every token, combined with the routing gates."""
+    x2 = x.reshape(-1, x.shape[-1])
+    p = torch.softmax(F.linear(x2, m.router.weight, m.router.bias).float(), -1)
+    top1 = F.one_hot(p.argmax(-1), m.num_experts).float()
+    if m.routing == "sparse":
+        gates = top1
+    elif m.routing == "gated":
+        gates = top1 * p
+    elif m.routing == "dense":
+        gates = p
+    else:
+        val, idx = p.topk(m.top_k, -1)
+        gates = torch.zeros_like(p).scatter(-1, idx, val / val.sum(-1, keepdim=True))
+
+    def lora(expert, z):
+        return m.scaling * F.linear(F.linear(z, expert.lora_A.weight, expert.lora_A.bias),
+                                    expert.lora_B.weight, expert.lora_B.bias)
+
+    h = F.linear(x2, m.fc1.weight, m.fc1.bias) + sum(gates[:, e:e + 1] * lora(m.moe_down[e], x2)
+                                                     for e in range(m.num_experts))
+    for name in m._mid_names:
+        h = getattr(m, name)(h)
+    y = F.linear(h, m.fc2.weight, m.fc2.bias) + sum(gates[:, e:e + 1] * lora(m.moe_up[e], h)
+                                                    for e in range(m.num_experts))
+    return y.view(*x.shape[:-1], -1)
+
+
+def layer(routing: str = "sparse", dropout: float = 0.0, **kw) -> MoLEFFN:
+    torch.manual_seed(0)
+    model = inject_mole(tiny("clip"), rank=4, routing=routing, dropout=dropout, **kw)
+    return mole_layers(model)[0]
+
+
+def grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    found = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    return [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, found)]
+
+
+# ---------------------------------------------------------------- structure and sizes
+def test_clip_large_param_count_and_names():
+    with torch.device("meta"):
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=336, patch_size=14))
+    base_keys = set(model.state_dict())
+    before = sum(p.numel() for p in model.parameters())
+    inject_mole(model)
+    assert sum(p.numel() for p in model.parameters()) - before == 24_040_008
+    layer0 = mole_layers(model)[0]
+    assert sum(p.numel() for p in layer0.moe_down[0].parameters()) == 167_968
+    assert sum(p.numel() for p in layer0.moe_up[0].parameters()) == 164_896
+    assert sum(p.numel() for p in layer0.router.parameters()) == 3_075
+    assert len(mole_layers(model)) == 24
+    keys = set(model.state_dict())
+    assert base_keys <= keys  # base weights keep their names (encoder.layers.{i}.mlp.fc1.weight, ...)
+    new = keys - base_keys
+    assert all(any(s in k for s in ("router", "moe_down", "moe_up")) for k in new)
+    assert {n for n, _ in mole_parameters(model)} == new
+    assert "encoder.layers.3.mlp.moe_up.2.lora_B.bias" in new
+    out = model(pixel_values=torch.empty(1, 3, 336, 336, device="meta")).last_hidden_state  # shape probing
+    assert out.shape == (1, 577, 1024)
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2", "timm"])
+def test_zero_b_keeps_outputs_and_paper_init_changes_them(family):
+    torch.manual_seed(0)
+    base = tiny(family).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = run(base, images)
+        zero_b = inject_mole(copy.deepcopy(base), rank=4, init="zero_b").eval()
+        paper = inject_mole(copy.deepcopy(base), rank=4, init="paper").eval()
+        assert len(mole_layers(zero_b)) == 2
+        torch.testing.assert_close(run(zero_b, images), expected, rtol=0, atol=1e-6)
+        assert (run(paper, images) - expected).abs().max() > 1e-3
+    lora = mole_layers(paper)[0].moe_down[0]
+    bound = (6 / lora.lora_B.in_features) ** 0.5  # kaiming-uniform (relu gain) on B, as official
+    assert 0.5 * bound < lora.lora_B.weight.abs().max() <= bound
+    assert lora.lora_B.bias.abs().sum() == 0 and lora.lora_A.bias.abs().sum() == 0
+
+
+def test_unsupported_ffns_raise_clear_errors():
+    swiglu = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                                      patch_size=4, use_swiglu_ffn=True))
+    with pytest.raises(ValueError, match="gated FFN"):
+        inject_mole(swiglu)
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=4, mlp_layer=SwiGLUPacked,
+                            act_layer=torch.nn.SiLU, num_classes=0)
+    with pytest.raises(ValueError, match="gated FFN"):
+        inject_mole(vit)
+    with pytest.raises(ValueError, match="no supported FFN"):
+        inject_mole(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model = inject_mole(tiny("clip"))
+    with pytest.raises(ValueError, match="already"):
+        inject_mole(model)
+    with pytest.raises(ValueError, match="routing"):
+        inject_mole(tiny("clip"), routing="top1")
+
+
+def test_module_filter_selects_layers():
+    model = inject_mole(tiny("clip"), module_filter=lambda path: path.startswith("encoder.layers.0."))
+    assert len(mole_layers(model)) == 1 and isinstance(model.encoder.layers[0].mlp, MoLEFFN)
+
+
+# ---------------------------------------------------------------- gradients and routing semantics
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_router_gradient_by_mode(routing):
+    torch.manual_seed(0)
+    model = inject_mole(tiny("clip"), rank=4, routing=routing).train()
+    images = torch.randn(2, 3, 32, 32)
+    routers = [m.router.weight for m in mole_layers(model)]
+    task = grads(run(model, images), routers)
+    if routing == "sparse":
+        assert all(g.abs().sum() == 0 for g in task)  # Eq. 1 as released: argmax only, no gate
+    else:
+        assert all(g.abs().sum() > 0 for g in task)
+    run(model, images)
+    balance = torch.autograd.grad(balance_loss(collect_router_probs(model)), routers)
+    assert all(g.abs().sum() > 0 for g in balance)
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2", "timm"])
+def test_every_trainable_parameter_gets_a_gradient(family):
+    torch.manual_seed(0)
+    model = inject_mole(tiny(family), rank=4, routing="gated").train()
+    images = torch.randn(4, 3, 32, 32)
+    if isinstance(model, VisionTransformer):
+        out = model.forward_features(images)
+    else:
+        output = model(pixel_values=images)
+        out = torch.cat([output.last_hidden_state.flatten(1), output.pooler_output], 1)
+    loss = (out * torch.randn(out.shape)).sum() + balance_loss(collect_router_probs(model))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    # DINOv2's mask token is only used with bool_masked_pos
+    assert missing in ([], ["embeddings.mask_token"])
+
+
+# ---------------------------------------------------------------- fast paths == reference
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_path_matches_reference(routing, mode):
+    m = layer(routing).train(mode == "train")
+    x = torch.randn(2, 65, 32, requires_grad=True)
+    params = [p for p in m.parameters()]
+    out = m(x)
+    ref = reference_ffn(m, x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for got, want in zip(grads(out, [x] + params), grads(ref, [x] + params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+
+
+def test_folded_inference_matches_and_tracks_weight_changes():
+    m = layer("sparse", fold_inference=True).eval()
+    x = torch.randn(3, 65, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+        assert m._fold_cache is not None
+        for p in m.parameters():  # an optimizer step in place
+            p.add_(0.05 * torch.randn_like(p))
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+        other = {k: v + 0.05 * torch.randn_like(v) for k, v in m.state_dict().items()}
+        m.load_state_dict(other)
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+        m.moe_up[1].lora_B.weight.data = torch.randn_like(m.moe_up[1].lora_B.weight)  # new storage
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+    m.train()
+    assert m._fold_cache is None  # dropped on train()
+
+
+def test_grouped_path_after_weight_change():
+    m = layer("gated").eval()
+    x = torch.randn(2, 65, 32)
+    with torch.no_grad():
+        m(x)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+
+
+def test_whole_model_matches_reference_layers(monkeypatch):
+    torch.manual_seed(0)
+    model = inject_mole(tiny("timm"), rank=4, dropout=0.0).train()
+    images = torch.randn(2, 3, 32, 32)
+    fast = run(model, images)
+    monkeypatch.setattr(MoLEFFN, "forward", reference_ffn)
+    torch.testing.assert_close(fast, run(model, images), rtol=0, atol=1e-5)
+
+
+def test_dropout_kernel_matches_reference_with_the_same_mask(monkeypatch):
+    torch.manual_seed(0)
+    z = torch.randn(10, 16, requires_grad=True)
+    a = [torch.randn(4, 16, requires_grad=True) for _ in range(2)]
+    b = [torch.randn(4, requires_grad=True) for _ in range(2)]
+    mask = torch.rand(10, 16) < 0.3
+    monkeypatch.setattr(kernels, "bernoulli_mask", lambda shape, p, device: mask)
+    counts = [6, 4]
+    out = kernels.segmented_lora_in(z, counts, 0.3, a, b)
+    dropped = z.masked_fill(mask, 0) / 0.7
+    ref = torch.cat([F.linear(dropped[:6], a[0], b[0]), F.linear(dropped[6:], a[1], b[1])])
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads(out, [z, *a, *b]), grads(ref, [z, *a, *b])):
+        torch.testing.assert_close(got, want)
+
+
+def test_dropout_rate_and_train_mode_noise():
+    mask = kernels.bernoulli_mask(torch.Size([200, 1000]), 0.05, torch.device("cpu"))
+    assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.05) < 0.003
+    m = layer("sparse", dropout=0.5).train()
+    x = torch.randn(2, 65, 32)
+    with torch.no_grad():
+        assert (m(x) - reference_ffn(m, x)).abs().max() > 1e-4  # dropout active in training
+        m.eval()
+        torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- router probabilities
+def test_collect_router_probs_fresh_and_attached():
+    torch.manual_seed(0)
+    model = inject_mole(tiny("timm"), rank=4).train()
+    images = torch.randn(2, 3, 32, 32)
+    model(images)
+    probs = collect_router_probs(model)
+    assert [p.shape for p in probs] == [torch.Size([2, 65, 3])] * 2
+    assert all(p.grad_fn is not None for p in probs)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 65))
+    # an early-exit forward that bypasses the model's __call__: the stale second layer is left out
+    model.forward_intermediates(images[:1], indices=[0], stop_early=True, intermediates_only=True)
+    fresh = collect_router_probs(model)
+    assert len(fresh) == 1 and fresh[0].shape[0] == 1
+    # eval / no_grad forwards record nothing, and clear what an earlier call left
+    with torch.no_grad():
+        model(images)
+    assert collect_router_probs(model) == []
+    model.eval()
+    model(images)
+    assert collect_router_probs(model) == [] and all(m.router_probs is None for m in mole_layers(model))
+    with record_router_probs(model), torch.no_grad():
+        model(images)
+    assert len(collect_router_probs(model, clear=True)) == 2
+    assert collect_router_probs(model) == []
+
+
+# ---------------------------------------------------------------- precision and compilation
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_autocast_bf16(routing):
+    m = layer(routing, dropout=0.05).train()
+    x = torch.randn(2, 65, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        loss = out.float().square().mean() + balance_loss([m.router_probs])
+    assert out.dtype == torch.bfloat16 and m.router_probs.dtype == torch.float32
+    loss.backward()
+    for p in (m.moe_down[0].lora_A.weight, m.moe_up[1].lora_B.weight, m.fc1.weight, m.router.weight):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        full = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = m(x)
+    assert (half.float() - full).abs().mean() < 0.02 * full.abs().mean()
+    # a whole model runs under autocast too
+    model = inject_mole(tiny("timm"), rank=4, routing=routing).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, torch.randn(2, 3, 32, 32)).float().mean().backward()
+
+
+def _compile_check(backend: str) -> None:
+    torch.manual_seed(0)
+    model = inject_mole(tiny("clip"), rank=4, routing="gated", dropout=0.0).train()
+    images = torch.randn(2, 3, 32, 32)
+    eager = run(model, images)
+    eager_probs = collect_router_probs(model)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):  # second call: no stale state, no error on re-entry
+        out = compiled(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        probs = collect_router_probs(model)
+        assert len(probs) == 2
+        torch.testing.assert_close(probs[1], eager_probs[1])
+    (out.square().mean() + balance_loss(probs)).backward()
+    assert mole_layers(model)[0].router.weight.grad.abs().sum() > 0
+
+
+def test_torch_compile_graph_capture():
+    _compile_check("aot_eager")  # dynamo tracing + AOT autograd, without inductor's code generation
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    _compile_check("inductor")
+
+
+# ---------------------------------------------------------------- benchmark function and CLI
+def test_bench_function_and_cli(capsys):
+    from movekd.bench import run_mole_bench
+    from movekd.cli import bench
+
+    result = run_mole_bench(tokens=8, dim=32, hidden=64, repeats=1, warmup=0)
+    assert set(result["ratio"]) == {"inference", "train", "train_frozen_base"}
+    assert result["gflops"]["mole"] > result["gflops"]["plain"] > 0
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1"])
+    assert args.func(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["tokens"] == 4 and "train" in printed["ratio"]
