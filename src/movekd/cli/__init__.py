@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order = order in `movekd --help`.
-SUBCOMMANDS = ["demo", "train", "eval", "chat", "assets", "teachers"]
+SUBCOMMANDS = ["demo", "train", "eval", "chat", "assets", "teachers", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
