@@ -150,3 +150,6 @@ def test_paper_preset_dry_run_reports_mole_parameters():
     assert stage1["groups"]["llm"]["trainable"] == 0 and stage1["groups"]["mole"]["trainable"] == 24_040_008
     assert stage2["groups"]["llm"]["trainable"] == stage2["groups"]["llm"]["frozen"] + stage2["groups"]["llm"]["trainable"]
     assert all(s["groups"]["teachers"]["trainable"] == 0 for s in report["stages"])
+    # teachers' forward: CLIP-L/336 to layer -2 + EVA-02-L/16 @1024 + ConvNeXt-XXL @1024 (cpu-feasibility.md §3)
+    assert report["step_flops"]["teachers_forward"] == pytest.approx(10.83e12, rel=0.01)
+    assert report["step_flops"]["total"] > 3 * 8.5e12  # the 7B LLM alone: ~8.5 TFLOP forward over 640 tokens
