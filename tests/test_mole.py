@@ -223,6 +223,12 @@ def test_folded_inference_matches_and_tracks_weight_changes():
         torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
         m.moe_up[1].lora_B.weight.data = torch.randn_like(m.moe_up[1].lora_B.weight)  # new storage
         torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = m(x)
+        assert half.dtype == torch.bfloat16 and m._fold_cache[0].dtype == torch.bfloat16
+        ref = reference_ffn(m, x)
+        assert (half.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)  # back to float32: cache rebuilt
     m.train()
     assert m._fold_cache is None  # dropped on train()
 

@@ -8,6 +8,11 @@ plain, MoLE, ...) so drift on a shared machine hits both; each figure is the med
   parameter trainable and the input requiring grad (what a block in the middle of a ViT sees:
   stage-2 finetuning). No optimizer step.
 - train_frozen_base: the same with fc1/fc2 frozen (stage 1: only the MoLE trains).
+
+On a shared machine prefer ``min_ratio``: with 2 threads and another busy process, every parallel
+region waits for a descheduled thread, which penalises MoLE's extra small ops far beyond their cost.
+glibc's allocator also adds page faults that differ between the two (jemalloc or
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` remove them); the figures include them.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def run_mole_bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        used_threads = torch.get_num_threads()
         torch.manual_seed(seed)
         plain = _PlainFFN(dim, hidden)
         mole = wrap_ffn(
@@ -137,7 +143,7 @@ def run_mole_bench(
         "config": {
             "tokens": tokens, "batch": batch, "repeats": repeats, "dim": dim, "hidden": hidden,
             "num_experts": num_experts, "rank": rank, "routing": routing, "dropout": dropout,
-            "fold_inference": fold_inference, "threads": torch.get_num_threads() if threads is None else threads,
+            "fold_inference": fold_inference, "threads": used_threads,
         },
         "seconds": seconds,
         "ratio": {mode: s["mole"] / s["plain"] for mode, s in seconds.items()},

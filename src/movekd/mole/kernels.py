@@ -3,13 +3,15 @@
 Tokens are sorted by expert once, so each expert owns one contiguous row segment. Then:
 
 - ``permute_rows``: a row gather whose backward is the inverse gather. The stock backward of
-  ``index_select`` is ``index_add_``, which is serial on CPU (tens of ms at CLIP-L shapes on 2 threads).
+  ``index_select`` is ``index_add_``, measured at ~80 ms against ~5 ms for the gather on a
+  [577, 1024] tensor with 2 threads on a shared 2-core machine (both < 0.1 ms with 1 thread).
 - ``segmented_linear``: ``out[seg_e] = inp[seg_e] @ W_e^T + b_e`` written straight into one output
   buffer (``out=`` slices), so no per-expert output is concatenated or scattered; the backward writes
   the input gradient the same way. Used for the LoRA B half, whose output is the wide one.
 - ``segmented_lora_in``: the LoRA A half with its input dropout, ``low[seg_e] = drop(z[seg_e]) @ A_e^T
-  + a_e``. It keeps a 1-byte drop mask instead of the dropped float input (for the fc2 LoRA the input
-  is 4096 wide), draws it cheaply (``bernoulli_mask``), and recomputes the dropped input per segment in backward.
+  + a_e``. It saves a 1-byte drop mask instead of the dropped float input (for the fc2 LoRA the input
+  is 4096 wide and ``z`` itself is saved by fc2 anyway), draws the mask cheaply (``bernoulli_mask``)
+  and recomputes the dropped input in backward.
 
 All of them take ``counts`` (tokens per expert, host ints): empty segments are skipped and their
 parameters get no gradient.
@@ -109,16 +111,15 @@ class _SegmentedLoRAIn(Function):
         weights, biases = params[:num], params[num:]
         drop = bernoulli_mask(z.shape, p, z.device) if p > 0 else None
         scale = 1.0 / (1.0 - p)
+        # One masked copy for all segments (a transient; the saved state is z, shared with the caller,
+        # and the 1-byte mask). The 1/(1-p) goes on the small A (r x in), not on the wide input.
+        zd = torch.where(drop, 0, z) if drop is not None else z
         out = z.new_empty(z.shape[0], weights[0].shape[0])
         start = 0
         for e, n in enumerate(counts):
             if n:
-                seg = z.narrow(0, start, n)
-                if drop is not None:
-                    seg = torch.where(drop.narrow(0, start, n), 0, seg)
-                # scale on the small A (r x in) rather than on the wide dropped input
                 w = weights[e] * scale if drop is not None else weights[e]
-                torch.addmm(biases[e], seg, w.t(), out=out.narrow(0, start, n))
+                torch.addmm(biases[e], zd.narrow(0, start, n), w.t(), out=out.narrow(0, start, n))
             start += n
         ctx.counts, ctx.scale = counts, scale
         ctx.save_for_backward(z, drop, *weights)
@@ -130,28 +131,26 @@ class _SegmentedLoRAIn(Function):
         counts, scale = ctx.counts, ctx.scale
         num = len(counts)
         need_z = ctx.needs_input_grad[0]
+        need_w = any(ctx.needs_input_grad[3:3 + num])
         grad = grad.contiguous()
         grad_z = grad.new_empty(z.shape) if need_z else None
+        zd = (torch.where(drop, 0, z) if drop is not None else z) if need_w else None  # recomputed
         grad_w: list[Tensor | None] = [None] * num
         grad_b: list[Tensor | None] = [None] * num
         start = 0
         for e, n in enumerate(counts):
             if n:
                 g = grad.narrow(0, start, n)
-                k = drop.narrow(0, start, n) if drop is not None else None
                 if need_z:
-                    gz = grad_z.narrow(0, start, n)
-                    torch.mm(g, weights[e] * scale if k is not None else weights[e], out=gz)
-                    if k is not None:
-                        gz.masked_fill_(k, 0)
+                    w = weights[e] * scale if drop is not None else weights[e]
+                    torch.mm(g, w, out=grad_z.narrow(0, start, n))
                 if ctx.needs_input_grad[3 + e]:
-                    seg = z.narrow(0, start, n)
-                    if k is not None:
-                        seg = torch.where(k, 0, seg)
-                    grad_w[e] = (g * scale if k is not None else g).t() @ seg
+                    grad_w[e] = (g * scale if drop is not None else g).t() @ zd.narrow(0, start, n)
                 if ctx.needs_input_grad[3 + num + e]:
                     grad_b[e] = g.sum(0)
             start += n
+        if need_z and drop is not None:
+            grad_z.masked_fill_(drop, 0)
         return (grad_z, None, None, *grad_w, *grad_b)
 
 

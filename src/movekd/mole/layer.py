@@ -20,11 +20,13 @@ Three execution paths give the same numbers (tested against a plain per-expert r
   fc1/fc2 GEMMs accumulate onto it in place over *all* tokens, and one d-wide gather restores the
   token order. Nothing H-wide is gathered, scattered or concatenated (``movekd.mole.kernels``).
 - *folded* (opt-in ``fold_inference=True``; sparse, eval, no autograd): each expert folded into its
-  own cached copy of fc1/fc2, so no LoRA FLOPs; but fc1/fc2 then run once per expert segment, and on
-  CPU each call re-packs the full weight. At CLIP-L shapes, 2 threads, batch 1-2 that cost more than it
-  saved (+11-15% vs +7-9% for grouped), and it stores E extra copies of fc1+fc2 per layer (CLIP-L,
-  E=3: 604M values), hence off by default. The cache is rebuilt when a weight changes and dropped
-  on ``train()``.
+  own cached copy of fc1/fc2 (in the compute dtype), so no LoRA FLOPs; but fc1/fc2 then run once per
+  expert segment, and on CPU each call re-reads and re-packs a full weight. Measured at CLIP-L shapes,
+  2 threads, batch 1-2: fp32 +11-15% over the plain FFN (grouped: +7-12%); under bf16 autocast
+  0.89-0.98x (the cached bf16 copies also skip autocast's per-call weight cast; grouped: +4-13%).
+  It stores E extra copies of fc1+fc2 per layer (CLIP-L, E=3: 604M values), hence off by default.
+  The cache is rebuilt when a weight, its storage or the compute dtype changes, and dropped on
+  ``train()``.
 - *stacked* (dense, topk, and every mode under ``torch.compile`` or on the meta device): all experts
   in one GEMM pair with a per-token gate matrix; static shapes, no host sync, E times the LoRA FLOPs.
 """
