@@ -209,12 +209,19 @@ def test_fast_path_matches_reference(routing, mode):
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
 
 
-def test_folded_inference_matches_and_tracks_weight_changes():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "segmented"])
+def test_folded_inference_matches_and_tracks_weight_changes(packed, monkeypatch):
+    from movekd.mole import kernels, layer as layer_module
+
+    if packed and not kernels.packed_linear_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN weight packing not available in this torch build")
+    if not packed:  # the portable path (GPUs, builds without oneDNN)
+        monkeypatch.setattr(layer_module, "packed_linear_supported", lambda device, dtype: False)
     m = layer("sparse", fold_inference=True).eval()
     x = torch.randn(3, 65, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
-        assert m._fold_cache is not None
+        assert m._fold_cache is not None and m._fold_cache[4] is packed
         for p in m.parameters():  # an optimizer step in place
             p.add_(0.05 * torch.randn_like(p))
         torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
@@ -225,7 +232,7 @@ def test_folded_inference_matches_and_tracks_weight_changes():
         torch.testing.assert_close(m(x), reference_ffn(m, x), rtol=0, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = m(x)
-        assert half.dtype == torch.bfloat16 and m._fold_cache[0].dtype == torch.bfloat16
+        assert half.dtype == torch.bfloat16 and m._fold_cache[1].dtype == torch.bfloat16
         ref = reference_ffn(m, x)
         assert (half.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
         torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)  # back to float32: cache rebuilt
@@ -362,11 +369,34 @@ def test_bench_function_and_cli(capsys):
     from movekd.cli import bench
 
     result = run_mole_bench(tokens=8, dim=32, hidden=64, repeats=1, warmup=0)
-    assert set(result["ratio"]) == {"inference", "train", "train_frozen_base"}
+    assert set(result["ratio"]) == {"inference", "inference_folded", "train", "train_frozen_base"}
     assert result["gflops"]["mole"] > result["gflops"]["plain"] > 0
+    half = run_mole_bench(tokens=8, dim=32, hidden=64, repeats=1, warmup=0, precision="bf16", routing="gated")
+    assert half["config"]["precision"] == "bf16" and "inference_folded" not in half["ratio"]  # sparse only
+    with pytest.raises(ValueError, match="precision"):
+        run_mole_bench(tokens=8, dim=32, hidden=64, precision="fp16")
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1"])
+    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1", "--precision", "bf16"])
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["config"]["tokens"] == 4 and "train" in printed["ratio"]
+    assert printed["config"]["tokens"] == 4 and printed["config"]["precision"] == "bf16"
+    assert "train" in printed["ratio"]
+
+
+def test_set_fold_inference_switches_every_layer():
+    from movekd.mole import set_fold_inference
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = inject_mole(Dinov2Model(config), rank=4, dropout=0.0, routing="sparse").eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        grouped = model(pixels).last_hidden_state
+        assert set_fold_inference(model, True) == 2
+        folded = model(pixels).last_hidden_state
+        assert all(m._fold_cache is not None for m in mole_layers(model))
+        assert set_fold_inference(model, False) == 2
+        assert all(m._fold_cache is None for m in mole_layers(model))  # copies freed
+    torch.testing.assert_close(folded, grouped, rtol=1e-4, atol=1e-5)

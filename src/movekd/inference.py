@@ -41,7 +41,12 @@ def resolve_bundle(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a movekd VLM bundle nor a run folder with one in final/")
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None) -> LoadedVLM:
+def load_trained(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None,
+                 fold_experts: bool = True) -> LoadedVLM:
+    """Load a bundle for inference (eval mode). ``fold_experts``: run sparse-routed MoLE layers on
+    per-expert folded FFN weights (no LoRA FLOPs; E extra copies of each FFN in memory, e.g. +604M
+    values for CLIP-L with E=3); other routings are unaffected."""
+    from movekd.mole import set_fold_inference
     from movekd.student import build_student
     from movekd.vlm import load_vlm, read_config
     from movekd.vlm.io import load_tokenizer
@@ -51,6 +56,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
     train = config.get("extra", {}).get("train_config", {})
     attn = train.get("model", {}).get("llm_attn_implementation", "sdpa")
     vlm = load_vlm(bundle, build_vision=build_student, device=device, attn_implementation=attn)
+    vlm.eval()
+    set_fold_inference(vlm.vision, fold_experts)
     image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
     stages = train.get("stages") or [{}]
     return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),

@@ -3,7 +3,9 @@
 Both modules share the same fc1/fc2 weights and run in the same process, interleaved (plain, MoLE,
 plain, MoLE, ...) so drift on a shared machine hits both; each figure is the median of ``repeats``.
 
-- inference: ``eval()`` + ``torch.inference_mode()``, one forward.
+- inference: ``eval()`` + ``torch.inference_mode()``, one forward (the default grouped path).
+- inference_folded: the same with ``fold_inference=True`` (sparse routing only): every expert folded
+  into its own copy of fc1/fc2, pre-packed on CPU; no LoRA FLOPs, E extra copies of the FFN weights.
 - train: ``train()``, forward + backward of ``sum(y * g)`` (+ 0.01 * balance loss for MoLE), every
   parameter trainable and the input requiring grad (what a block in the middle of a ViT sees:
   stage-2 finetuning). No optimizer step.
@@ -18,6 +20,7 @@ glibc's allocator also adds page faults that differ between the two (jemalloc or
 from __future__ import annotations
 
 import copy
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -71,7 +74,7 @@ def run_mole_bench(
     rank: int = 32,
     routing: str = "sparse",
     dropout: float = 0.05,
-    fold_inference: bool = False,
+    precision: str = "fp32",
     threads: int | None = None,
     seed: int = 0,
 ) -> dict:
@@ -81,8 +84,10 @@ def run_mole_bench(
     ``ratio`` (``{mode: mole / plain}`` of the medians), ``min_seconds`` / ``min_ratio`` (the same for
     the fastest run, less sensitive to other processes on a shared machine) and ``gflops`` (analytic,
     one forward each, ``{"plain": ..., "mole": ...}``); modes are ``inference``, ``train`` and
-    ``train_frozen_base``.
+    ``train_frozen_base`` (and ``inference_folded`` for sparse routing).
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -92,15 +97,24 @@ def run_mole_bench(
         plain = _PlainFFN(dim, hidden)
         mole = wrap_ffn(
             copy.deepcopy(plain.mlp), num_experts=num_experts, rank=rank, dropout=dropout,
-            routing=routing, fold_inference=fold_inference,
+            routing=routing,
         )
+        folded = None
+        if routing == "sparse":
+            folded = copy.deepcopy(mole)
+            folded.fold_inference = True
         x = torch.randn(batch, tokens, dim)
         grad = torch.randn(batch, tokens, dim)
+
+        def autocast():
+            if precision == "bf16":
+                return torch.autocast(x.device.type, dtype=torch.bfloat16)
+            return contextlib.nullcontext()
 
         def infer(module: nn.Module) -> Callable[[], None]:
             def run() -> None:
                 module.eval()
-                with torch.inference_mode():
+                with torch.inference_mode(), autocast():
                     module(x)
             return run
 
@@ -111,8 +125,9 @@ def run_mole_bench(
                     p.requires_grad_(not (frozen_base and name.split(".")[-2] in ("fc1", "fc2")))
                     p.grad = None
                 xi = x.detach().requires_grad_(True)
-                y = module(xi)
-                loss = (y * grad).sum()
+                with autocast():
+                    y = module(xi)
+                loss = (y.float() * grad).sum()
                 if module is mole:
                     loss = loss + 0.01 * balance_loss([mole.router_probs])
                 loss.backward()
@@ -120,6 +135,7 @@ def run_mole_bench(
 
         cases = {
             "inference": (infer(plain), infer(mole)),
+            **({"inference_folded": (infer(plain), infer(folded))} if folded is not None else {}),
             "train": (train(plain, False), train(mole, False)),
             "train_frozen_base": (train(plain, True), train(mole, True)),
         }
@@ -143,7 +159,7 @@ def run_mole_bench(
         "config": {
             "tokens": tokens, "batch": batch, "repeats": repeats, "dim": dim, "hidden": hidden,
             "num_experts": num_experts, "rank": rank, "routing": routing, "dropout": dropout,
-            "fold_inference": fold_inference, "threads": used_threads,
+            "precision": precision, "threads": used_threads,
         },
         "seconds": seconds,
         "ratio": {mode: s["mole"] / s["plain"] for mode, s in seconds.items()},

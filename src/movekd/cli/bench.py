@@ -14,7 +14,8 @@ from typing import Callable
 def _bench_mole(args: argparse.Namespace) -> dict:
     from movekd.bench.mole import run_mole_bench
 
-    kwargs = {"tokens": args.tokens, "batch": args.batch, "repeats": args.repeats, "threads": args.threads}
+    kwargs = {"tokens": args.tokens, "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
+              "precision": args.precision}
     return run_mole_bench(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -26,8 +27,9 @@ def register(subparsers) -> None:
         "bench",
         help="measure costs (MoLE FFN overhead, ...) and print ratios",
         description="Run a benchmark in this process and print its figures. 'mole': plain FFN vs MoLE FFN "
-        "at CLIP ViT-L shapes (inference, training step with all weights trainable, training step with "
-        "the base frozen); medians of interleaved runs and mole/plain ratios.",
+        "at CLIP ViT-L shapes (inference with the grouped and the folded path, training step with all "
+        "weights trainable, training step with the base frozen); medians of interleaved runs and "
+        "mole/plain ratios.",
     )
     parser.add_argument("which", choices=sorted(BENCHES), help="benchmark to run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -35,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per step (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: current setting)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="run every case in fp32 or under bf16 autocast (default fp32)")
     parser.set_defaults(func=_run)
 
 

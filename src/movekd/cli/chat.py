@@ -12,6 +12,8 @@ def register(subparsers) -> None:
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--no-fold", action="store_true",
+                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
     parser.set_defaults(func=_run)
 
 
@@ -19,7 +21,7 @@ def _run(args) -> int:
     from movekd.inference import answer, load_trained
 
     try:
-        loaded = load_trained(args.checkpoint)
+        loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
         print(answer(loaded, args.image, args.question, args.max_new_tokens))
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)

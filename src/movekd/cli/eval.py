@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--no-fold", action="store_true",
+                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
     parser.set_defaults(func=_run)
 
 
@@ -29,7 +31,7 @@ def _run(args) -> int:
     from movekd.train.evaluate import run_eval
 
     try:
-        loaded = load_trained(args.checkpoint)
+        loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 
 from movekd.data.llava_json import Skipped
+from movekd.data.shared_prefix import PAD_SEGMENT
 from movekd.data.templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class Collator:
     """``collate_fn`` for a DataLoader.
 
     Returns ``{"input_ids" [B,L], "attention_mask" [B,L], "labels" [B,L] (if the items have labels),
-    "images" uint8 [B,3,H,W], "has_image" bool [B], "ids", "indices", "skipped"}``.
+    "images" uint8 [B,3,H,W], "has_image" bool [B], "ids", "indices", "skipped"}``, plus
+    ``"segment_ids" [B,L]`` (padding -1) when items are shared-prefix groups.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", image_size: int | None = None):
@@ -81,6 +83,10 @@ class Collator:
         }
         if items and items[0].get("labels") is not None:
             batch["labels"] = pad_sequences([it["labels"] for it in items], IGNORE_INDEX, self.padding_side)
+        if any("segment_ids" in it for it in items):
+            # Shared-prefix items (group_by_image); a single-question item is all prefix-and-suffix 0.
+            segs = [it.get("segment_ids", torch.zeros(len(it["input_ids"]), dtype=torch.long)) for it in items]
+            batch["segment_ids"] = pad_sequences(segs, PAD_SEGMENT, self.padding_side)
         return batch
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from movekd.data.shared_prefix import group_by_image as group_by_image_fn
+from movekd.data.shared_prefix import merge_shared_prefix
 from movekd.data.templates import IMAGE_TAG, ROLE_MAP, ConversationEncoder, EncodingError
 
 logger = logging.getLogger(__name__)
@@ -193,17 +195,27 @@ class LlavaDataset(Dataset):
     (``labels`` is None with ``prompt_only``) or a :class:`Skipped` marker; use
     :class:`movekd.data.collate.Collator` to batch.
 
+    With ``group_by_image`` an item is one image with all its samples' questions in one
+    shared-prefix sequence (:mod:`movekd.data.shared_prefix`); the item then also has
+    ``segment_ids`` and ``num_questions``, and ``len()`` counts images (groups), not samples.
+
     Args:
         samples: validated samples (see :func:`load_llava_json`).
         encoder: the :class:`ConversationEncoder` (tokenizer + template + max_length).
         image_root: folder image paths are relative to.
         image_size: side of the square resize.
         prompt_only: encode the prompt for generation (drops a trailing gpt turn) instead of labels.
+        group_by_image: one item per image, its questions sharing the image and prompt prefix.
+        max_questions_per_image: split larger groups into chunks of this many questions.
     """
 
     def __init__(self, samples: list[dict], encoder: ConversationEncoder, *, image_root: str | os.PathLike = ".",
-                 image_size: int = 224, prompt_only: bool = False):
+                 image_size: int = 224, prompt_only: bool = False, group_by_image: bool = False,
+                 max_questions_per_image: int | None = None):
+        if group_by_image and prompt_only:
+            raise ValueError("group_by_image is for training; prompts for generation are one per sample")
         self.samples = samples
+        self.groups = group_by_image_fn(samples, max_questions_per_image) if group_by_image else None
         self.encoder = encoder
         self.image_root = Path(image_root)
         self.image_size = image_size
@@ -224,7 +236,11 @@ class LlavaDataset(Dataset):
         return cls(samples, encoder, image_root=root, image_size=image_size, prompt_only=prompt_only)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.groups) if self.groups is not None else len(self.samples)
+
+    def sample(self, index: int) -> dict:
+        """The (first) sample of item ``index``: its image is the item's image."""
+        return self.samples[self.groups[index][0] if self.groups is not None else index]
 
     def _skip(self, index, sample, reason, detail) -> Skipped:
         self.num_skipped += 1
@@ -236,11 +252,19 @@ class LlavaDataset(Dataset):
         return skipped
 
     def __getitem__(self, index: int) -> dict | Skipped:
-        sample = self.samples[index]
+        sample = self.sample(index)
         has_image = sample.get("image") is not None
+        extra = {}
         try:
-            encode = self.encoder.encode_prompt if self.prompt_only else self.encoder.encode
-            enc = encode(sample["conversations"], has_image)
+            if self.groups is not None and len(self.groups[index]) > 1:
+                members = [self.encoder.encode(self.samples[i]["conversations"], has_image)
+                           for i in self.groups[index]]
+                enc, segment_ids, kept = merge_shared_prefix(
+                    members, max_length=self.encoder.max_length, num_image_tokens=self.encoder.num_image_tokens)
+                extra = {"segment_ids": segment_ids, "num_questions": kept}
+            else:
+                encode = self.encoder.encode_prompt if self.prompt_only else self.encoder.encode
+                enc = encode(sample["conversations"], has_image)
         except EncodingError as err:
             return self._skip(index, sample, "encoding", str(err))
         if has_image:
@@ -254,4 +278,4 @@ class LlavaDataset(Dataset):
         else:
             image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "image": image, "has_image": has_image,
-                "id": sample_id(sample, index), "index": index}
+                "id": sample_id(sample, index), "index": index, **extra}

@@ -11,6 +11,7 @@ from movekd.mole.inject import (
     mole_layers,
     mole_parameters,
     record_router_probs,
+    set_fold_inference,
     wrap_ffn,
 )
 from movekd.mole.layer import ROUTINGS, MoLEFFN
@@ -27,5 +28,6 @@ __all__ = [
     "mole_layers",
     "mole_parameters",
     "record_router_probs",
+    "set_fold_inference",
     "wrap_ffn",
 ]

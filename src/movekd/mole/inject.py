@@ -141,6 +141,19 @@ def mole_layers(model: nn.Module) -> list[MoLEFFN]:
     return [m for m in model.modules() if isinstance(m, MoLEFFN)]
 
 
+def set_fold_inference(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the folded inference path of every MoLE layer of ``model`` on or off; returns how many
+    layers were switched. Folding applies to sparse routing in eval mode without autograd; it trades
+    E extra copies of each FFN's weights (built lazily at the first eval forward) for no LoRA FLOPs.
+    Switching off frees the copies."""
+    layers = mole_layers(model)
+    for layer in layers:
+        layer.fold_inference = enabled
+        if not enabled:
+            layer.clear_fold_cache()
+    return len(layers)
+
+
 def collect_router_probs(model: nn.Module, clear: bool = False) -> list[Tensor]:
     """Router probabilities ``[B, S, E]`` of the last forward of ``model``, one per MoLE layer that ran.
 

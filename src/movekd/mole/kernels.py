@@ -159,3 +159,36 @@ def segmented_lora_in(
 ) -> Tensor:
     """LoRA A half per segment with input dropout ``p`` (pass 0 in eval mode)."""
     return _SegmentedLoRAIn.apply(z, counts, p, *weights, *biases)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-packed weights for the folded inference path (CPU).
+#
+# On CPU every GEMM call re-packs its weight into the BLAS kernel's blocked layout. The folded path
+# runs fc1/fc2 once per expert segment, so a plain call pays that packing E times instead of once:
+# that, not the FLOPs, made folding slower than the plain FFN in fp32. oneDNN can reorder a weight
+# once (``mkldnn._reorder_linear_weight``) and reuse it for any number of rows
+# (``mkldnn._linear_pointwise``, what Inductor uses for frozen CPU linears). The packed tensors are an
+# in-memory cache only: they cannot be saved or moved, and are rebuilt from the real weights.
+
+
+def packed_linear_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where ``pack_linear_weight`` / ``packed_linear`` can run (CPU with oneDNN, fp32/bf16)."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_linear_weight(weight: Tensor, rows_hint: int) -> Tensor:
+    """``weight`` ``[out, in]`` reordered once into oneDNN's blocked layout (``rows_hint``: typical
+    number of input rows; any row count works at call time)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), max(int(rows_hint), 1))
+
+
+def packed_linear(inp: Tensor, packed_weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``inp @ W^T + b`` with a weight from ``pack_linear_weight`` (inference only, no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(inp, packed_weight, bias, "none", [], "")

@@ -40,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from movekd.mole.kernels import permute_rows, segmented_linear, segmented_lora_in
+from movekd.mole.kernels import (
+    pack_linear_weight,
+    packed_linear,
+    packed_linear_supported,
+    permute_rows,
+    segmented_linear,
+    segmented_lora_in,
+)
 from movekd.mole.lora import LoRAExpert
 
 ROUTINGS = ("sparse", "gated", "dense", "topk")
@@ -244,26 +251,47 @@ class MoLEFFN(nn.Module):
         params += [p for m in (*self.moe_down, *self.moe_up) for p in m.parameters()]
         return params
 
-    def _folded_weights(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _folded_weights(self, dtype: torch.dtype | None, device: torch.device, rows_hint: int) -> tuple:
+        """``(w1, b1, w2, b2, packed)``: per-expert folded fc1/fc2 ([E, out, in] / [E, out]) in the
+        compute dtype; on CPU with oneDNN the weights are kept only in packed form (``packed`` True,
+        ``w1``/``w2`` lists of packed tensors), else ``packed`` is False."""
         # The cache key sees in-place updates (optimizer steps, load_state_dict bump ``_version``),
         # replaced storage (``.to()``, ``param.data = ...`` change ``data_ptr``) and the compute dtype.
         key = (dtype,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._fold_params())
         if self._fold_cache is None or key != self._fold_key:
             self._fold_cache = None  # free the old copies before building new ones
             with torch.no_grad():
-                folded = _fold(self.fc1, self.moe_down) + _fold(self.fc2, self.moe_up)
-            self._fold_cache = tuple(t.to(dtype) for t in folded) if dtype is not None else folded
+                w1, b1, w2, b2 = _fold(self.fc1, self.moe_down) + _fold(self.fc2, self.moe_up)
+                if dtype is not None:
+                    w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
+                if packed_linear_supported(device, w1.dtype):
+                    w1 = [pack_linear_weight(w, rows_hint) for w in w1.unbind(0)]
+                    w2 = [pack_linear_weight(w, rows_hint) for w in w2.unbind(0)]
+                    cache = (w1, b1, w2, b2, True)
+                else:
+                    cache = (w1, b1, w2, b2, False)
+            self._fold_cache = cache
             self._fold_key = key
         return self._fold_cache
 
     def _forward_folded(self, x: Tensor, expert: Tensor, dtype: torch.dtype | None) -> Tensor:
-        w1, b1, w2, b2 = self._folded_weights(dtype)
         order, inverse, counts = _group_by_expert(expert, self.num_experts)
+        w1, b1, w2, b2, packed = self._folded_weights(dtype, x.device, max(x.shape[0] // self.num_experts, 1))
         xs = x.index_select(0, order)
         used = [e for e, n in enumerate(counts) if n]
-        seg = [counts[e] for e in used]
-        h = segmented_linear(xs, seg, [w1[e] for e in used], [b1[e] for e in used])
-        y = segmented_linear(self._mid(h, dtype), seg, [w2[e] for e in used], [b2[e] for e in used])
+        if packed:
+            # Each expert's segment through its own pre-packed fc1 / fc2 (no per-call weight packing).
+            parts, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    h = packed_linear(xs.narrow(0, start, n), w1[e], b1[e])
+                    parts.append(packed_linear(self._mid(h, dtype), w2[e], b2[e]))
+                start += n
+            y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            seg = [counts[e] for e in used]
+            h = segmented_linear(xs, seg, [w1[e] for e in used], [b1[e] for e in used])
+            y = segmented_linear(self._mid(h, dtype), seg, [w2[e] for e in used], [b2[e] for e in used])
         return self._post(y.index_select(0, inverse))
 
     # ------------------------------------------------------------------ stacked (dense / topk / compile)

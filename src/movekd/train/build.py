@@ -165,7 +165,7 @@ class StageDataset(torch.utils.data.Dataset):
         return self.inner[index]
 
     def image_key(self, index: int) -> str:
-        return str(self.inner.samples[index].get("image") or f"#text{index}")
+        return str(self.inner.sample(index).get("image") or f"#text{index}")
 
 
 def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> StageDataset:
@@ -178,4 +178,6 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> St
     encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
                                   num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt)
     root = resolve_path(stage.image_root) if stage.image_root else path.parent
-    return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size))
+    return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size,
+                                     group_by_image=stage.group_by_image,
+                                     max_questions_per_image=stage.max_questions_per_image))

@@ -120,6 +120,10 @@ class StageConfig:
     grad_accum: int = 1
     max_length: int = 2048
     max_samples: Optional[int] = None  # first N samples after a seeded shuffle
+    # One item per image: its questions share the image and the prompt prefix in one sequence, each
+    # seeing only the prefix and itself (movekd.data.shared_prefix). batch_size then counts images.
+    group_by_image: bool = False
+    max_questions_per_image: Optional[int] = None  # split bigger groups
     kd: bool = True  # KD and balance losses active in this stage (both stages in the paper)
 
     def __post_init__(self):

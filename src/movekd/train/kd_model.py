@@ -99,8 +99,9 @@ class MoveKDModel(nn.Module):
     # --- losses -----------------------------------------------------------------------------------
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 has_image: Tensor | None = None, image_keys: list[str] | None = None,
-                use_kd: bool = True) -> StepLosses:
-        out = self.vlm(images, input_ids, attention_mask, labels, supervised_logits_only=True)
+                use_kd: bool = True, segment_ids: Tensor | None = None) -> StepLosses:
+        out = self.vlm(images, input_ids, attention_mask, labels, supervised_logits_only=True,
+                       segment_ids=segment_ids)
         text = out.loss
         total = text
         losses = StepLosses(total=total, text=text)

@@ -193,6 +193,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
                         has_image=batch["has_image"].to(accelerator.device),
                         image_keys=[dataset.image_key(i) for i in batch["indices"]],
                         use_kd=stage.kd,
+                        segment_ids=(batch["segment_ids"].to(accelerator.device)
+                                     if "segment_ids" in batch else None),
                     )
                     if not torch.isfinite(losses.total):
                         state["bad_steps"] += 1

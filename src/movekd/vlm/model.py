@@ -102,6 +102,57 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     return embeds, mask, position_ids, new_labels
 
 
+def expand_segment_ids(segment_ids: torch.Tensor, input_ids: torch.Tensor, num_image_tokens: int, new_length: int,
+                       *, image_token_index: int = IMAGE_TOKEN_INDEX, padding_side: str = "right") -> torch.Tensor:
+    """``segment_ids`` ``[B, L]`` of the text sequence → ``[B, L']`` of the merged one (same layout as
+    :func:`merge_image_tokens`: each placeholder becomes ``num_image_tokens`` positions of its segment;
+    new padding is -1)."""
+    if padding_side != "right":
+        raise ValueError("segment_ids (shared-prefix training) need right padding")
+    is_img = input_ids == image_token_index
+    before = torch.cumsum(is_img.long(), 1) - is_img.long()
+    new_pos = torch.arange(input_ids.shape[1], device=input_ids.device) + before * (num_image_tokens - 1)
+    out = segment_ids.new_full((segment_ids.shape[0], new_length), -1)
+    rows = torch.arange(segment_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+    out[rows, new_pos] = segment_ids
+    b_idx, j_idx = is_img.nonzero(as_tuple=True)
+    if b_idx.numel():
+        pos = new_pos[b_idx, j_idx].unsqueeze(1) + torch.arange(num_image_tokens, device=input_ids.device)
+        out[b_idx.unsqueeze(1).expand_as(pos), pos] = segment_ids[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+    return out
+
+
+def segment_attention(segment_ids: torch.Tensor, *, additive_dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and a 4-D attention mask for shared-prefix sequences (``movekd.data.shared_prefix``).
+
+    ``segment_ids`` ``[B, L]``: 0 = shared prefix, i >= 1 = question i, -1 = padding. Query ``q`` may
+    attend key ``k <= q`` if ``k`` is in the prefix or in ``q``'s own segment, so question i sees
+    exactly ``prefix + suffix_i``, and its positions continue from the end of the prefix as if it
+    were alone. Padding rows attend to themselves (a finite softmax, no NaN in the backward).
+
+    Returns ``(position_ids [B, L], mask [B, 1, L, L])``: a boolean mask (True = attend, for SDPA) or,
+    with ``additive_dtype``, 0 / the dtype's minimum (for eager attention, which adds the mask).
+    """
+    B, L = segment_ids.shape
+    device = segment_ids.device
+    prefix = segment_ids == 0
+    prefix_len = prefix.long().sum(1, keepdim=True)
+    # Position inside the own segment: the running count of earlier tokens of the same segment.
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)  # [B, Lq, Lk]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    rank = (same & causal).long().sum(2) - 1  # [B, L]
+    position_ids = torch.where(prefix, rank, prefix_len + rank).clamp_min(0)
+    valid = segment_ids >= 0
+    allowed = causal & (same | prefix.unsqueeze(1)) & valid.unsqueeze(1) & valid.unsqueeze(2)
+    allowed = allowed | torch.eye(L, dtype=torch.bool, device=device)  # padding rows: themselves
+    mask = allowed.unsqueeze(1)
+    if additive_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_dtype, device=device).masked_fill_(
+            ~mask, torch.finfo(additive_dtype).min)
+    return position_ids, mask
+
+
 class MoveKDVLM(nn.Module):
     """LLaVA-style VLM: ``vision`` (student encoder) → ``projector`` → ``llm``.
 
@@ -132,8 +183,12 @@ class MoveKDVLM(nn.Module):
         proj_dtype = next((p.dtype for p in self.projector.parameters()), tokens.dtype)
         return vision_out, self.projector(tokens.to(proj_dtype))
 
-    def prepare_inputs(self, images, input_ids, attention_mask=None, labels=None, *, padding_side=None):
-        """Vision pass + placeholder expansion: ``(vision_output, embeds, mask, position_ids, labels)``."""
+    def prepare_inputs(self, images, input_ids, attention_mask=None, labels=None, *, padding_side=None,
+                       segment_ids=None):
+        """Vision pass + placeholder expansion: ``(vision_output, embeds, mask, position_ids, labels)``.
+
+        With ``segment_ids`` (shared-prefix groups) ``mask`` is the 4-D segment mask and
+        ``position_ids`` restart after the prefix for every question (:func:`segment_attention`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_out, image_embeds = (None, None) if images is None else self.encode_images(images)
@@ -141,22 +196,42 @@ class MoveKDVLM(nn.Module):
         text_embeds = embed(input_ids.masked_fill(input_ids == self.image_token_index, 0))
         merged = merge_image_tokens(text_embeds, input_ids, attention_mask, labels, image_embeds,
                                     image_token_index=self.image_token_index, padding_side=padding_side)
+        if segment_ids is not None:
+            embeds, mask, _, new_labels = merged
+            num_image_tokens = image_embeds.shape[1] if image_embeds is not None else 1
+            segments = expand_segment_ids(segment_ids.masked_fill(attention_mask == 0, -1), input_ids,
+                                          num_image_tokens, embeds.shape[1],
+                                          image_token_index=self.image_token_index,
+                                          padding_side=padding_side or infer_padding_side(attention_mask))
+            position_ids, mask4d = segment_attention(segments, additive_dtype=self._additive_mask_dtype(embeds))
+            return vision_out, embeds, mask4d, position_ids, new_labels
         return (vision_out, *merged)
+
+    def _additive_mask_dtype(self, embeds: torch.Tensor) -> torch.dtype | None:
+        """Eager attention adds the mask to its scores (float mask); SDPA takes a boolean one."""
+        impl = getattr(self.llm.config, "_attn_implementation", None) or "eager"
+        if impl == "eager":
+            return torch.float32  # added to bf16/fp32 scores, softmax runs in float32 anyway
+        if impl == "sdpa":
+            return None
+        raise ValueError(f"shared-prefix training (group_by_image) needs eager or sdpa attention, not {impl!r}")
 
     def forward(self, images: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 padding_side: str | None = None, supervised_logits_only: bool = False,
-                **llm_kwargs) -> VLMOutput:
+                segment_ids: torch.Tensor | None = None, **llm_kwargs) -> VLMOutput:
         """LM loss (if ``labels``) and logits on the merged sequence, plus the vision output for KD.
 
         ``supervised_logits_only`` (training): apply the LM head only at the positions that predict a
         supervised token. The loss is the same (mean cross-entropy over supervised tokens, as HF
         computes it), but the ``[B, L, vocab]`` logits are never built: with a 49k vocabulary and
         answers of a few tokens that is about a fifth of a small LLM's training FLOPs. ``logits`` is
-        then None. ``llm_kwargs`` go to the LLM's forward (e.g. ``logits_to_keep``).
+        then None. ``segment_ids`` ``[B, L]``: shared-prefix groups (``movekd.data.shared_prefix``);
+        the returned ``attention_mask`` is then the 4-D segment mask. ``llm_kwargs`` go to the LLM's
+        forward (e.g. ``logits_to_keep``).
         """
         vision_out, embeds, mask, position_ids, new_labels = self.prepare_inputs(
-            images, input_ids, attention_mask, labels, padding_side=padding_side)
+            images, input_ids, attention_mask, labels, padding_side=padding_side, segment_ids=segment_ids)
         if supervised_logits_only and new_labels is not None:
             loss = self._supervised_loss(embeds, mask, position_ids, new_labels, **llm_kwargs)
             return VLMOutput(loss=loss, logits=None, vision=vision_out, attention_mask=mask, labels=new_labels)
