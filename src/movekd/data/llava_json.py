@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from movekd.data.shared_prefix import group_by_image as group_by_image_fn
-from movekd.data.shared_prefix import merge_shared_prefix
+from movekd.data import shared_prefix
 from movekd.data.templates import IMAGE_TAG, ROLE_MAP, ConversationEncoder, EncodingError
 
 logger = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ class LlavaDataset(Dataset):
         if group_by_image and prompt_only:
             raise ValueError("group_by_image is for training; prompts for generation are one per sample")
         self.samples = samples
-        self.groups = group_by_image_fn(samples, max_questions_per_image) if group_by_image else None
+        self.groups = shared_prefix.group_by_image(samples, max_questions_per_image) if group_by_image else None
         self.encoder = encoder
         self.image_root = Path(image_root)
         self.image_size = image_size
@@ -259,7 +258,7 @@ class LlavaDataset(Dataset):
             if self.groups is not None and len(self.groups[index]) > 1:
                 members = [self.encoder.encode(self.samples[i]["conversations"], has_image)
                            for i in self.groups[index]]
-                enc, segment_ids, kept = merge_shared_prefix(
+                enc, segment_ids, kept = shared_prefix.merge_shared_prefix(
                     members, max_length=self.encoder.max_length, num_image_tokens=self.encoder.num_image_tokens)
                 extra = {"segment_ids": segment_ids, "num_questions": kept}
             else:

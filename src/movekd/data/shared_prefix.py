@@ -26,10 +26,9 @@ from collections import OrderedDict
 
 import torch
 
-from movekd.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Encoded, EncodingError
+from movekd.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Encoded, EncodingError, expanded_length
 
-PREFIX_SEGMENT = 0
-PAD_SEGMENT = -1
+PAD_SEGMENT = -1  # the prefix is segment 0, question i is segment i
 
 
 def group_by_image(samples: list[dict], max_per_group: int | None = None) -> list[list[int]]:
@@ -49,10 +48,6 @@ def group_by_image(samples: list[dict], max_per_group: int | None = None) -> lis
         size = max_per_group or len(members)
         groups.extend(members[k:k + size] for k in range(0, len(members), size))
     return groups
-
-
-def _expanded(ids: torch.Tensor, num_image_tokens: int) -> int:
-    return int(ids.numel() + (ids == IMAGE_TOKEN_INDEX).sum() * (num_image_tokens - 1))
 
 
 def merge_shared_prefix(encodings: list[Encoded], *, max_length: int | None = None,
@@ -82,7 +77,7 @@ def merge_shared_prefix(encodings: list[Encoded], *, max_length: int | None = No
         raise EncodingError("the questions of this image share no prefix holding the <image> placeholder")
     prefix_ids = seqs[0][:common]
     ids, labels, segments = [prefix_ids], [encodings[0].labels[:common]], [torch.zeros(common, dtype=torch.long)]
-    length = _expanded(prefix_ids, num_image_tokens)
+    length = expanded_length(prefix_ids, num_image_tokens)
     kept = 0
     for e in encodings:
         suffix = e.input_ids[common:]

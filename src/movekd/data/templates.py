@@ -57,6 +57,13 @@ V1_SYSTEM = (
 )
 
 
+def expanded_length(ids, num_image_tokens: int) -> int:
+    """LLM sequence length of token ``ids`` (list or tensor) once each placeholder becomes
+    ``num_image_tokens`` image tokens (what ``max_length`` limits)."""
+    n_img = sum(1 for t in ids if int(t) == IMAGE_TOKEN_INDEX)
+    return len(ids) + n_img * (num_image_tokens - 1)
+
+
 class EncodingError(ValueError):
     """A conversation that cannot be encoded (too long, template mismatch, nothing to supervise)."""
 
@@ -270,8 +277,7 @@ class ConversationEncoder:
         return ids, offsets
 
     def _expanded_len(self, ids):
-        n_img = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
-        return len(ids) + n_img * (self.num_image_tokens - 1)
+        return expanded_length(ids, self.num_image_tokens)
 
     def _truncate(self, ids, labels):
         if self.max_length is None or self._expanded_len(ids) <= self.max_length:

@@ -278,7 +278,6 @@ class MoLEFFN(nn.Module):
         order, inverse, counts = _group_by_expert(expert, self.num_experts)
         w1, b1, w2, b2, packed = self._folded_weights(dtype, x.device, max(x.shape[0] // self.num_experts, 1))
         xs = x.index_select(0, order)
-        used = [e for e, n in enumerate(counts) if n]
         if packed:
             # Each expert's segment through its own pre-packed fc1 / fc2 (no per-call weight packing).
             parts, start = [], 0
@@ -289,6 +288,7 @@ class MoLEFFN(nn.Module):
                 start += n
             y = torch.cat(parts) if len(parts) > 1 else parts[0]
         else:
+            used = [e for e, n in enumerate(counts) if n]
             seg = [counts[e] for e in used]
             h = segmented_linear(xs, seg, [w1[e] for e in used], [b1[e] for e in used])
             y = segmented_linear(self._mid(h, dtype), seg, [w2[e] for e in used], [b2[e] for e in used])

@@ -40,6 +40,14 @@ def infer_padding_side(attention_mask: torch.Tensor) -> str:
     return "left" if attention_mask.shape[1] and not bool(attention_mask[:, 0].all()) else "right"
 
 
+def _expanded_positions(is_img: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """``[B, L]`` new position of every old position once each placeholder (``is_img``) becomes
+    ``num_image_tokens`` positions: shifted by N-1 for each placeholder before it (right-aligned
+    layout; left padding adds its own offset)."""
+    before = torch.cumsum(is_img.long(), 1) - is_img.long()
+    return torch.arange(is_img.shape[1], device=is_img.device).unsqueeze(0) + before * (num_image_tokens - 1)
+
+
 def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor | None, image_embeds: torch.Tensor | None, *,
                        image_token_index: int = IMAGE_TOKEN_INDEX, padding_side: str | None = None):
@@ -67,9 +75,7 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     N = image_embeds.shape[1] if image_embeds is not None else 1
     device = text_embeds.device
 
-    # New position of every old position: shifted by (N-1) for each placeholder before it.
-    before = torch.cumsum(is_img.long(), 1) - is_img.long()
-    new_pos = torch.arange(L, device=device).unsqueeze(0) + before * (N - 1)
+    new_pos = _expanded_positions(is_img, N)
     new_len = L + counts * (N - 1)
     L_new = int(new_len.max()) if B else L
     if padding_side == "left":
@@ -110,8 +116,7 @@ def expand_segment_ids(segment_ids: torch.Tensor, input_ids: torch.Tensor, num_i
     if padding_side != "right":
         raise ValueError("segment_ids (shared-prefix training) need right padding")
     is_img = input_ids == image_token_index
-    before = torch.cumsum(is_img.long(), 1) - is_img.long()
-    new_pos = torch.arange(input_ids.shape[1], device=input_ids.device) + before * (num_image_tokens - 1)
+    new_pos = _expanded_positions(is_img, num_image_tokens)
     out = segment_ids.new_full((segment_ids.shape[0], new_length), -1)
     rows = torch.arange(segment_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
     out[rows, new_pos] = segment_ids
