@@ -264,13 +264,11 @@ class MoLEFFN(nn.Module):
                 w1, b1, w2, b2 = _fold(self.fc1, self.moe_down) + _fold(self.fc2, self.moe_up)
                 if dtype is not None:
                     w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
-                if packed_linear_supported(device, w1.dtype):
+                packed = packed_linear_supported(device, w1.dtype)
+                if packed:
                     w1 = [pack_linear_weight(w, rows_hint) for w in w1.unbind(0)]
                     w2 = [pack_linear_weight(w, rows_hint) for w in w2.unbind(0)]
-                    cache = (w1, b1, w2, b2, True)
-                else:
-                    cache = (w1, b1, w2, b2, False)
-            self._fold_cache = cache
+            self._fold_cache = (w1, b1, w2, b2, packed)
             self._fold_key = key
         return self._fold_cache
 
