@@ -153,3 +153,21 @@ def test_paper_preset_dry_run_reports_mole_parameters():
     # teachers' forward: CLIP-L/336 to layer -2 + EVA-02-L/16 @1024 + ConvNeXt-XXL @1024 (cpu-feasibility.md §3)
     assert report["step_flops"]["teachers_forward"] == pytest.approx(10.83e12, rel=0.01)
     assert report["step_flops"]["total"] > 3 * 8.5e12  # the 7B LLM alone: ~8.5 TFLOP forward over 640 tokens
+
+
+def test_checkpoint_write_failure_names_folder_and_keeps_previous(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints" / "step-1"
+    weights = {"w": torch.ones(3)}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    ckpt.save_checkpoint(folder, weights=weights, optimizer=opt, trainer_state={"global_step": 1}, config={})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2048 vs 1984")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step-1.*GB free.*unexpected pos"):
+        ckpt.save_checkpoint(folder, weights={"w": torch.zeros(3)}, optimizer=opt,
+                             trainer_state={"global_step": 2}, config={})
+    assert ckpt.load_trainer_state(folder)["global_step"] == 1
+    assert torch.equal(ckpt.load_weights(folder / ckpt.WEIGHTS)["w"], torch.ones(3))
+    assert [p.name for p in folder.parent.iterdir()] == ["step-1"]  # no temporary folder left

@@ -80,17 +80,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (usually a full disk); earlier checkpoints are intact."""
+
+
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None,
                     trainer_state: dict, config: dict) -> Path:
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
-        save_weights(tmp / WEIGHTS, weights)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    try:
+        with atomic_folder(folder) as tmp:
+            save_weights(tmp / WEIGHTS, weights)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}, indent=1))
+            (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    except (OSError, RuntimeError) as err:
+        # A full disk surfaces from torch.save as an opaque "unexpected pos ..." RuntimeError.
+        free = shutil.disk_usage(folder.parent).free / 1e9 if folder.parent.exists() else float("nan")
+        raise CheckpointWriteError(
+            f"could not write checkpoint {folder} ({free:.1f} GB free on its disk; the optimizer state "
+            f"alone is about 8 bytes per trainable parameter): {err}. Earlier checkpoints are intact; "
+            f"free space and continue with --resume.") from err
     return folder
 
 
