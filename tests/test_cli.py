@@ -25,9 +25,14 @@ def test_eval_and_chat_on_a_trained_run(tmp_path, capsys):
     train(load_config(config), show_progress=False)
     run = config["output_dir"]
     data = config["stages"][1]["data"]
-    assert main(["eval", run, "--data", data, "--json", "--prior-data", data]) == 0
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["eval", run, "--data", data, "--json", "--prior-data", data, "--predictions", str(predictions)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == 12 and "predictions" not in result
+    assert sum(r["correct"] for r in records) == result["correct"]
+    assert {"id", "type", "prediction", "answer"} <= set(records[0])
     assert set(result["per_type"]) == {"color"} and "prior" in result
     image = tmp_path / "data" / "images" / "red0.png"
     assert main(["chat", run, "--image", str(image), "what color is the shape?"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -20,6 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--predictions", metavar="FILE",
+                        help="also write one JSON line per question (id, type, prediction, answer, correct)")
     parser.add_argument("--no-fold", action="store_true",
                         help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
     parser.set_defaults(func=_run)
@@ -38,7 +41,12 @@ def _run(args) -> int:
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
                         system_prompt=loaded.system_prompt, prior_data=args.prior_data)
-    result = run_eval(loaded, config)
+    result = run_eval(loaded, config, return_predictions=bool(args.predictions))
+    if args.predictions:
+        from movekd.atomic import atomic_write_text
+
+        records = result.pop("predictions")
+        atomic_write_text(Path(args.predictions), "".join(json.dumps(r) + "\n" for r in records))
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
