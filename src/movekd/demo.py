@@ -25,6 +25,8 @@ def baseline_config(config: TrainConfig) -> TrainConfig:
     """The same recipe with KD and MoLE off and the vision encoder frozen (LLaVA-1.5)."""
     data = copy.deepcopy(config_dict(config))
     data["name"] = f"{config.name}-baseline"
+    if "{name}" not in data["output_dir"]:  # its own run folder: never the MoVE-KD run's checkpoints or bundle
+        data["output_dir"] = data["output_dir"].rstrip("/") + "-baseline"
     data["kd"]["enabled"] = False
     data["model"]["student"]["mole"]["enabled"] = False
     data["model"]["teachers"] = []
