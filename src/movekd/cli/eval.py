@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+from movekd.atomic import atomic_write_text
 
 
 def register(subparsers) -> None:
@@ -43,10 +44,8 @@ def _run(args) -> int:
                         system_prompt=loaded.system_prompt, prior_data=args.prior_data)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
-        from movekd.atomic import atomic_write_text
-
         records = result.pop("predictions")
-        atomic_write_text(Path(args.predictions), "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
