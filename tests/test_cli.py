@@ -7,6 +7,7 @@ import json
 import pytest
 
 from movekd.cli import SUBCOMMANDS, main
+from movekd.inference import load_trained
 from movekd.train.config import load_config
 from movekd.train.loop import train
 from train_fixtures import tiny_config
@@ -22,8 +23,10 @@ def test_every_subcommand_has_help(command, capsys):
 
 def test_eval_and_chat_on_a_trained_run(tmp_path, capsys):
     config = tiny_config(tmp_path)
+    config["stages"][1]["bos"] = "never"  # the last stage's template settings travel with the bundle
     train(load_config(config), show_progress=False)
     run = config["output_dir"]
+    assert load_trained(run).bos == "never"
     data = config["stages"][1]["data"]
     predictions = tmp_path / "predictions.jsonl"
     assert main(["eval", run, "--data", data, "--json", "--prior-data", data, "--predictions", str(predictions)]) == 0

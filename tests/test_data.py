@@ -93,6 +93,25 @@ def test_plain_template(tok):
         enc.encode(CONV2, has_image=True)  # plain is single-turn
 
 
+def test_plain_bos_modes():
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]
+    tok = make_tokenizer()
+    tok.bos_token = "<|im_start|>"  # a BOS the tokenizer does not add by itself, as SmolLM2's
+    bos_id = tok.convert_tokens_to_ids("<|im_start|>")
+    auto = ConversationEncoder(tok, "plain").encode(conv, has_image=True)
+    always = ConversationEncoder(tok, "plain", bos="always").encode(conv, has_image=True)
+    assert auto.input_ids[0] == IMAGE_TOKEN_INDEX  # LLaVA's rule: BOS only if the tokenizer adds one
+    assert always.input_ids.tolist() == [bos_id] + auto.input_ids.tolist()
+    assert always.labels.tolist() == [IGNORE_INDEX] + auto.labels.tolist()  # BOS is never supervised
+    adds_bos = make_tokenizer(chat_template=None, bos=True)
+    never = ConversationEncoder(adds_bos, "plain", bos="never").encode(conv, has_image=True)
+    assert never.input_ids[0] == IMAGE_TOKEN_INDEX
+    with pytest.raises(ValueError, match="bos: 'always' needs a tokenizer with a bos_token"):
+        ConversationEncoder(make_tokenizer(), "plain", bos="always")
+    with pytest.raises(ValueError, match="bos must be one of"):
+        ConversationEncoder(tok, "plain", bos="sometimes")
+
+
 def test_text_only_and_prompt(tok):
     enc = ConversationEncoder(tok, "chat")
     conv = [{"from": "human", "value": "color?"}, {"from": "gpt", "value": "red"}]

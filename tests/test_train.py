@@ -127,6 +127,8 @@ def test_no_kd_baseline_has_no_teachers(tiny):
     (["stages.0.train=[mole, everything]"], "unknown parameter group 'everything'"),
     (["model.teachers.0.image_sise=3"], "unknown teacher spec key 'image_sise'"),
     (["precision=fp8"], "'precision' must be one of"),
+    (["stages.0.min_lr_ratio=1.5"], "min_lr_ratio must be in"),
+    (["stages.0.bos=sometimes"], "'stages.0.bos' must be one of"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

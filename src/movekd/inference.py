@@ -21,6 +21,7 @@ class LoadedVLM:
     template: str
     precision: str
     system_prompt: str | None = None
+    bos: str = "auto"
 
     def autocast(self):
         device = next(self.vlm.parameters()).device.type
@@ -61,7 +62,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
     image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
     stages = train.get("stages") or [{}]
     return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),
-                     precision or train.get("precision", "fp32"), stages[-1].get("system_prompt"))
+                     precision or train.get("precision", "fp32"), stages[-1].get("system_prompt"),
+                     stages[-1].get("bos", "auto"))
 
 
 def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
@@ -72,7 +74,8 @@ def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tok
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
     image = read_image(image_path, loaded.image_size)[None]
-    encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt)
+    encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt,
+                                  bos=loaded.bos)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)
     device = next(loaded.vlm.parameters()).device
     with loaded.autocast():

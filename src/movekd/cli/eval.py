@@ -41,7 +41,7 @@ def _run(args) -> int:
         return 2
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
-                        system_prompt=loaded.system_prompt, prior_data=args.prior_data)
+                        system_prompt=loaded.system_prompt, bos=loaded.bos, prior_data=args.prior_data)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
         records = result.pop("predictions")

@@ -82,13 +82,26 @@ def to_messages(conversations: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- templates
+BOS_MODES = ("auto", "always", "never")
+
+
 class ConversationTemplate:
-    """Renders a list of chat messages to a string. Subclasses implement :meth:`render`."""
+    """Renders a list of chat messages to a string. Subclasses implement :meth:`render`.
+
+    ``bos`` (``plain`` and ``v1`` only; chat templates write their own start): ``"auto"`` starts
+    with the tokenizer's BOS when the tokenizer adds one by itself (LLaVA on Llama/Vicuna);
+    ``"always"`` starts with ``tokenizer.bos_token`` even when it does not (SmolLM2, Qwen), so the
+    image is never the first token; ``"never"`` starts with no BOS."""
 
     name = "base"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, bos: str = "auto"):
+        if bos not in BOS_MODES:
+            raise ValueError(f"bos must be one of {', '.join(BOS_MODES)}; got {bos!r}")
+        if bos == "always" and (tokenizer.bos_token is None or tokenizer.bos_token_id is None):
+            raise ValueError("bos: 'always' needs a tokenizer with a bos_token; this one has none")
         self.tokenizer = tokenizer
+        self.bos_mode = bos
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         raise NotImplementedError
@@ -107,10 +120,14 @@ class ConversationTemplate:
 
     @cached_property
     def bos(self) -> str:
-        """The BOS text, but only when the tokenizer adds BOS by itself (LLaVA's plain/v1 start with it)."""
+        """The BOS text the rendering starts with (see ``bos`` in the class docstring)."""
         tok = self.tokenizer
+        if self.bos_mode == "never":
+            return ""
         if tok.bos_token is None or tok.bos_token_id is None:
             return ""
+        if self.bos_mode == "always":
+            return tok.bos_token
         probe = tok("a", add_special_tokens=True)["input_ids"]
         return tok.bos_token if probe and probe[0] == tok.bos_token_id else ""
 
@@ -166,17 +183,18 @@ class TokenizerChatTemplate(ConversationTemplate):
         )
 
 
-def get_template(name: str, tokenizer) -> ConversationTemplate:
-    """``"plain"``, ``"v1"``, or ``"chat"`` (tokenizer template if set, else ``v1``)."""
+def get_template(name: str, tokenizer, bos: str = "auto") -> ConversationTemplate:
+    """``"plain"``, ``"v1"``, or ``"chat"`` (tokenizer template if set, else ``v1``); ``bos`` as in
+    :class:`ConversationTemplate`."""
     if name == "plain":
-        return PlainTemplate(tokenizer)
+        return PlainTemplate(tokenizer, bos)
     if name == "v1":
-        return V1Template(tokenizer)
+        return V1Template(tokenizer, bos)
     if name == "chat":
         if getattr(tokenizer, "chat_template", None):
-            return TokenizerChatTemplate(tokenizer)
+            return TokenizerChatTemplate(tokenizer, bos)
         logger.info("tokenizer has no chat template; using the LLaVA v1 fallback")
-        return V1Template(tokenizer)
+        return V1Template(tokenizer, bos)
     raise ValueError(f"unknown conversation template {name!r}; expected 'plain', 'chat' or 'v1'")
 
 
@@ -190,14 +208,15 @@ class ConversationEncoder:
         max_length: maximum LLM sequence length after image expansion (None: no limit).
         num_image_tokens: N, the number of tokens each image placeholder expands to (for ``max_length``).
         system_prompt: if not None, a system message added to conversations that have none.
+        bos: ``"auto"``, ``"always"`` or ``"never"`` (:class:`ConversationTemplate`; template names only).
     """
 
     def __init__(self, tokenizer, template="chat", *, max_length: int | None = None,
-                 num_image_tokens: int = 1, system_prompt: str | None = None):
+                 num_image_tokens: int = 1, system_prompt: str | None = None, bos: str = "auto"):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("ConversationEncoder needs a fast tokenizer (it uses offset mappings)")
         self.tokenizer = tokenizer
-        self.template = get_template(template, tokenizer) if isinstance(template, str) else template
+        self.template = get_template(template, tokenizer, bos) if isinstance(template, str) else template
         self.max_length = max_length
         self.num_image_tokens = num_image_tokens
         self.system_prompt = system_prompt

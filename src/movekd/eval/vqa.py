@@ -63,7 +63,7 @@ def _summarise(correct: list[bool], types: list[str | None]) -> dict:
 def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 8, *,
                  image_root=".", template: str = "chat", image_size: int = 224,
                  encoder: ConversationEncoder | None = None, system_prompt: str | None = None,
-                 first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
+                 bos: str = "auto", first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
                  **generate_kwargs) -> dict:
     """Batched greedy generation on ``samples`` and exact-match accuracy.
 
@@ -72,7 +72,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
         tokenizer: the LLM's tokenizer (pad and EOS ids, decoding).
         samples: LLaVA-format samples with a final gpt turn (the reference).
         image_root: folder the samples' image paths are relative to.
-        template / system_prompt: used to build a :class:`ConversationEncoder` unless ``encoder`` is given
+        template / system_prompt / bos: used to build a :class:`ConversationEncoder` unless ``encoder`` is given
             (it must match training).
         image_size: the square resize used in training.
 
@@ -82,7 +82,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     """
     validate_samples(samples, source="evaluate_vqa samples", require_answer=True)
     if encoder is None:
-        encoder = ConversationEncoder(tokenizer, template, system_prompt=system_prompt)
+        encoder = ConversationEncoder(tokenizer, template, system_prompt=system_prompt, bos=bos)
     dataset = LlavaDataset(samples, encoder, image_root=image_root, image_size=image_size, prompt_only=True)
     pad_id = pad_token_id_of(tokenizer)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -176,7 +176,8 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> St
     if stage.max_samples is not None and stage.max_samples < len(samples):
         samples = random.Random(config.seed).sample(samples, stage.max_samples)
     encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
-                                  num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt)
+                                  num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt,
+                                  bos=stage.bos)
     root = resolve_path(stage.image_root) if stage.image_root else path.parent
     return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size,
                                      group_by_image=stage.group_by_image,

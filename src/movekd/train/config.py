@@ -108,11 +108,15 @@ class StageConfig:
     # A system message for conversations that have none (None: the chat template's own default;
     # "" an empty one, e.g. to drop SmolLM2's 20-token default prompt).
     system_prompt: Optional[str] = None
+    # plain/v1 only: start with the tokenizer's BOS when it adds one itself ("auto", LLaVA), always
+    # (so the image is never the LLM's first token), or never.
+    bos: Literal["auto", "always", "never"] = "auto"
     train: list[str] = field(default_factory=lambda: ["mole", "adapters", "projector"])
     lr: float = 2e-5
     lrs: dict[str, float] = field(default_factory=dict)  # per-group learning rates
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * this (0: to zero, as LLaVA)
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimiser steps; overrides epochs
     max_minutes: Optional[float] = None  # stop the stage early when this much time has passed
@@ -130,6 +134,8 @@ class StageConfig:
         unknown = [g for g in list(self.train) + list(self.lrs) if g not in GROUPS]
         if unknown:
             raise ValueError(f"unknown parameter group '{unknown[0]}' (groups: {', '.join(GROUPS)})")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -142,6 +148,7 @@ class EvalConfig:
     max_new_tokens: int = 4
     template: Literal["plain", "chat", "v1"] = "chat"
     system_prompt: Optional[str] = None  # must match the last training stage
+    bos: Literal["auto", "always", "never"] = "auto"  # likewise
     # Training split used for the answer-prior baseline (most frequent answer per question type).
     prior_data: Optional[str] = None
 

@@ -134,7 +134,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
         per_step = stage.batch_size * stage.grad_accum * accelerator.num_processes
         steps_per_epoch = max(1, len(dataset) // per_step)
         total = stage.max_steps or max(1, math.ceil(stage.epochs * len(dataset) / per_step))
-        scheduler = build_scheduler(optimizer, total, stage.warmup_ratio)
+        scheduler = build_scheduler(optimizer, total, stage.warmup_ratio, stage.min_lr_ratio)
         if not fresh:
             optimizer.load_state_dict(ckpt.load_torch_state(resume_dir / "optimizer.pt"))
             scheduler.load_state_dict(ckpt.load_torch_state(resume_dir / "scheduler.pt"))

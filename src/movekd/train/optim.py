@@ -25,18 +25,23 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], lrs: dict[str, 
 
 
 class CosineWithWarmup:
-    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total`` (as LLaVA)."""
+    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio`` at
+    ``total``. ``min_ratio=0`` is LLaVA's schedule; a floor keeps short runs learning at the end."""
 
-    def __init__(self, warmup: int, total: int):
-        self.warmup, self.total = warmup, max(total, 1)
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0):
+        if not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_ratio}")
+        self.warmup, self.total, self.min_ratio = warmup, max(total, 1), min_ratio
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        return self.min_ratio + (1.0 - self.min_ratio) * cosine
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float,
+                    min_lr_ratio: float = 0.0) -> LambdaLR:
     warmup = math.ceil(total_steps * warmup_ratio)
-    return LambdaLR(optimizer, CosineWithWarmup(warmup, total_steps))
+    return LambdaLR(optimizer, CosineWithWarmup(warmup, total_steps, min_lr_ratio))
