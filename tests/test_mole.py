@@ -304,12 +304,35 @@ def test_collect_router_probs_fresh_and_attached():
     with torch.no_grad():
         model(images)
     assert collect_router_probs(model) == []
-    model.eval()
+    # eval mode with frozen routers and an input without grad: autograd records nothing, nor do we
+    model.eval().requires_grad_(False)
     model(images)
     assert collect_router_probs(model) == [] and all(m.router_probs is None for m in mole_layers(model))
+    model.requires_grad_(True)
     with record_router_probs(model), torch.no_grad():
         model(images)
     assert len(collect_router_probs(model, clear=True)) == 2
+    assert collect_router_probs(model) == []
+
+
+def test_router_probs_recorded_in_eval_mode_with_autograd_on():
+    """A student kept in eval mode (dropout off) while training still feeds the balance loss."""
+    torch.manual_seed(0)
+    model = inject_mole(tiny("timm"), rank=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    model(images)
+    probs = collect_router_probs(model)
+    assert [p.shape for p in probs] == [torch.Size([2, 65, 3])] * 2
+    balance_loss(probs).backward()
+    routers = [m.router.weight for m in mole_layers(model)]
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in routers)
+    # only the routers frozen, the input recorded by autograd (earlier layers train): still recorded
+    for m in mole_layers(model):
+        m.router.requires_grad_(False)
+    model(images.requires_grad_(True))
+    assert len(collect_router_probs(model)) == 2
+    with torch.no_grad():
+        model(images)
     assert collect_router_probs(model) == []
 
 

@@ -41,7 +41,7 @@ class StudentOutput:
         tokens: ``[B, N, D]`` patch tokens of the select layer, row-major grid order.
         cls: ``[B, D]`` CLS token of the select layer (None if not asked for).
         router_probs: ``[B, 1 + N, E]`` router probabilities per MoLE layer, in depth order (recorded
-            in training mode with autograd on; empty for a plain student or in eval).
+            when autograd records the forward, in any mode; empty for a plain student or under no_grad).
         grid: ``(h, w)``.
     """
 

@@ -1,6 +1,7 @@
 """LLaVA-format data: JSON loading and validation, conversation templates, collation."""
 
 from movekd.data.collate import Collator, SkipCounter, pad_sequences, pad_token_id_of
+from movekd.data.images import IMAGE_ASPECT_RATIOS, expand2square, fill_colour, prepare_image
 from movekd.data.llava_json import (
     LlavaDataset,
     LlavaFormatError,
@@ -21,9 +22,9 @@ from movekd.data.templates import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE_TAG", "IMAGE_TOKEN_INDEX",
+    "IGNORE_INDEX", "IMAGE_ASPECT_RATIOS", "IMAGE_TAG", "IMAGE_TOKEN_INDEX",
     "Collator", "ConversationEncoder", "Encoded", "EncodingError", "LlavaDataset", "LlavaFormatError",
     "SkipCounter", "Skipped",
-    "check_images", "get_template", "load_llava_json", "pad_sequences", "pad_token_id_of", "read_image",
-    "validate_samples",
+    "check_images", "expand2square", "fill_colour", "get_template", "load_llava_json", "pad_sequences",
+    "pad_token_id_of", "prepare_image", "read_image", "validate_samples",
 ]

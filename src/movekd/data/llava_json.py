@@ -18,9 +18,10 @@ for one that cannot be encoded, e.g. too long); the collator drops it and report
 (main process) adds the counts up and logs them. Optionally, :func:`check_images` filters the
 samples up front (existence, or a full decode) and returns what it dropped.
 
-Images are decoded with PIL in the worker, converted to RGB, resized to a fixed square
-``image_size`` (bicubic, aspect ratio not kept; the model's own preprocessing does the rest) and
-returned as ``uint8 [3, H, W]``. A text-only sample gets a zero image and ``has_image=False``.
+Images are decoded with PIL in the worker, converted to RGB, brought to a fixed square
+``image_size`` by ``image_aspect_ratio`` (stretch, LLaVA's centre crop ``square`` or mean-colour
+``pad``: :mod:`movekd.data.images`; the model's own preprocessing does the rest) and returned as
+``uint8 [3, H, W]``. A text-only sample gets a zero image and ``has_image=False``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from movekd.data import shared_prefix
+from movekd.data.images import IMAGE_ASPECT_RATIOS, prepare_image
 from movekd.data.templates import IMAGE_TAG, ROLE_MAP, ConversationEncoder, EncodingError
 
 logger = logging.getLogger(__name__)
@@ -143,15 +144,15 @@ def validate_samples(samples: list, *, source: str = "<samples>", require_answer
 
 
 # ------------------------------------------------------------------------------------------- images
-def read_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Decode with PIL, convert to RGB, resize to ``size × size`` (bicubic) → ``uint8 [3, size, size]``."""
+def read_image(path: str | os.PathLike, size: int, image_aspect_ratio: str = "stretch",
+               fill: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+    """Decode with PIL, convert to RGB, bring to ``size × size`` by ``image_aspect_ratio`` (stretch,
+    square or pad with ``fill``: :func:`movekd.data.images.prepare_image`) → ``uint8 [3, size, size]``."""
     from PIL import Image
 
     with Image.open(path) as img:
         img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return prepare_image(img, image_aspect_ratio, fill, size)
 
 
 def resolve_image(sample: dict, image_root: str | os.PathLike) -> Path:
@@ -206,13 +207,21 @@ class LlavaDataset(Dataset):
         prompt_only: encode the prompt for generation (drops a trailing gpt turn) instead of labels.
         group_by_image: one item per image, its questions sharing the image and prompt prefix.
         max_questions_per_image: split larger groups into chunks of this many questions.
+        image_aspect_ratio: ``"stretch"``, ``"square"`` or ``"pad"`` (:mod:`movekd.data.images`).
+        fill: the ``pad`` colour, 0..255 (LLaVA: the student processor's mean).
     """
 
     def __init__(self, samples: list[dict], encoder: ConversationEncoder, *, image_root: str | os.PathLike = ".",
                  image_size: int = 224, prompt_only: bool = False, group_by_image: bool = False,
-                 max_questions_per_image: int | None = None):
+                 max_questions_per_image: int | None = None, image_aspect_ratio: str = "stretch",
+                 fill: tuple[int, int, int] = (0, 0, 0)):
         if group_by_image and prompt_only:
             raise ValueError("group_by_image is for training; prompts for generation are one per sample")
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; expected one of "
+                             f"{', '.join(IMAGE_ASPECT_RATIOS)}")
+        self.image_aspect_ratio = image_aspect_ratio
+        self.fill = tuple(fill)
         self.samples = samples
         self.groups = shared_prefix.group_by_image(samples, max_questions_per_image) if group_by_image else None
         self.encoder = encoder
@@ -271,10 +280,21 @@ class LlavaDataset(Dataset):
             if not path.is_file():
                 return self._skip(index, sample, "missing_image", str(path))
             try:
-                image = read_image(path, self.image_size)
+                image = read_image(path, self.image_size, self.image_aspect_ratio, self.fill)
             except Exception as err:  # PIL raises many types for truncated / non-image files
                 return self._skip(index, sample, "bad_image", f"{path}: {type(err).__name__}: {err}")
         else:
             image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "image": image, "has_image": has_image,
                 "id": sample_id(sample, index), "index": index, **extra}
+
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's length proxy per item for ``group_by_modality_length``: the words of every turn
+        (``str.split``, no tokenising), positive for an item with an image, negative without; a
+        shared-prefix item sums its samples. Never 0 (the sign carries the modality)."""
+        lengths = []
+        for index in range(len(self)):
+            members = self.groups[index] if self.groups is not None else [index]
+            words = sum(len(turn["value"].split()) for i in members for turn in self.samples[i]["conversations"])
+            lengths.append(max(1, words) if self.sample(index).get("image") is not None else -max(1, words))
+        return lengths

@@ -1,7 +1,7 @@
 """Mixture-of-LoRA-Experts (MoLE) in the student's FFNs (paper Eq. 1).
 
 ``inject_mole(model)`` wraps every plain FFN of a ViT in place; ``collect_router_probs(model)`` returns
-the router probabilities of the last training forward for ``movekd.functional.balance_loss``.
+the router probabilities of the last forward autograd recorded, for ``movekd.functional.balance_loss``.
 """
 
 from movekd.mole.inject import (

@@ -157,8 +157,9 @@ def set_fold_inference(model: nn.Module, enabled: bool = True) -> int:
 def collect_router_probs(model: nn.Module, clear: bool = False) -> list[Tensor]:
     """Router probabilities ``[B, S, E]`` of the last forward of ``model``, one per MoLE layer that ran.
 
-    They are recorded only in training mode with autograd on (or inside ``record_router_probs``), and
-    they stay attached to the graph, so ``balance_loss(collect_router_probs(model))`` trains the
+    They are recorded whenever autograd records the routers' forward (autograd on and the router or
+    its input requires grad), in train or eval mode; in training mode with autograd on; and inside
+    ``record_router_probs``. They stay attached to the graph, so ``balance_loss(collect_router_probs(model))`` trains the
     routers. Layers that did not run in the last forward (early exit, ``forward_intermediates``) are
     left out rather than returned stale: records are cleared at every call of the injected model, and
     a record older than the first MoLE layer's (the first block always runs first) is dropped.

@@ -64,8 +64,9 @@ class MoLEFFN(nn.Module):
     fc2); the official checkpoints use the same names except that their base weights sit under
     ``original_module.``.
 
-    Router probabilities of the last forward are kept (``router_probs``) only when training with
-    autograd on, or when ``record_probs`` is True; see ``movekd.mole.collect_router_probs``.
+    Router probabilities of the last forward are kept (``router_probs``) when autograd records the
+    forward (any mode), in training mode with autograd on, or when ``record_probs`` is True; see
+    ``movekd.mole.collect_router_probs``.
     """
 
     def __init__(
@@ -166,7 +167,9 @@ class MoLEFFN(nn.Module):
         # Softmax in float32: bf16 logits give visibly quantised gates.
         logits = F.linear(x2, _cast(self.router.weight, dtype), _cast(self.router.bias, dtype))
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-        if self.record_probs or (self.training and torch.is_grad_enabled()):
+        # Recorded whenever autograd records the router (probs.requires_grad), whatever the module
+        # mode: a student run in eval mode (dropout off) still trains its routers by the balance loss.
+        if self.record_probs or probs.requires_grad or (self.training and torch.is_grad_enabled()):
             self.router_probs = probs.view(*lead, self.num_experts)
             # Order stamp for collect_router_probs (a Python counter would force recompiles: skip
             # it under torch.compile, where the root pre-hook alone keeps records fresh).

@@ -96,6 +96,19 @@ class KDConfig:
     teacher_weight: bool = True  # adaptive (Eq. 4); False: (1-α)/(K-1) each
     # The official code computes KD on zero images for text-only samples; we mask them by default.
     kd_on_text_only: bool = False
+    # Eq. 3 as computed (docs/method.md): "official" = softmax of the head-mean CLS attention row over
+    # the patches (a double softmax, near uniform); "renorm" = that row renormalised to sum 1.
+    token_weight_mode: Literal["official", "renorm"] = "official"
+    # Eq. 4's 1/sqrt(d) on the CLS-token scores: "none" (official code: raw dot products) or "sqrt_d".
+    teacher_weight_scale: Literal["none", "sqrt_d"] = "none"
+    # Official batch-level hack: re-softmax the non-CLIP weights when a teacher's batch-mean weight
+    # exceeds this; null turns it off (the paper has no such step).
+    teacher_weight_flatten_threshold: Optional[float] = 0.8
+
+    def __post_init__(self):
+        t = self.teacher_weight_flatten_threshold
+        if t is not None and not 0.0 < t <= 1.0:
+            raise ValueError(f"teacher_weight_flatten_threshold must be in (0, 1] or null, got {t}")
 
 
 @dataclass
@@ -129,6 +142,13 @@ class StageConfig:
     group_by_image: bool = False
     max_questions_per_image: Optional[int] = None  # split bigger groups
     kd: bool = True  # KD and balance losses active in this stage (both stages in the paper)
+    # How images become squares, once for the student and every teacher (movekd.data.images):
+    # "stretch" (resize, aspect ratio lost), "square" (shortest side + centre crop: LLaVA's default,
+    # official stage 1), "pad" (expand2square with the student's mean colour: official stage 2).
+    image_aspect_ratio: Literal["stretch", "square", "pad"] = "stretch"
+    # LLaVA's LengthGroupedSampler with modality grouping (official stage 2): per-device batches of
+    # only image or only text-only samples, grouped by length (movekd.train.sampler).
+    group_by_modality_length: bool = False
 
     def __post_init__(self):
         unknown = [g for g in list(self.train) + list(self.lrs) if g not in GROUPS]
@@ -149,6 +169,8 @@ class EvalConfig:
     template: Literal["plain", "chat", "v1"] = "chat"
     system_prompt: Optional[str] = None  # must match the last training stage
     bos: Literal["auto", "always", "never"] = "auto"  # likewise
+    # None: the last training stage's (saved with the bundle); LLaVA evaluates with "pad".
+    image_aspect_ratio: Optional[Literal["stretch", "square", "pad"]] = None
     # Training split used for the answer-prior baseline (most frequent answer per question type).
     prior_data: Optional[str] = None
 

@@ -71,7 +71,8 @@ class MoveKDModel(nn.Module):
     # --- teachers ---------------------------------------------------------------------------------
     def _run_teacher(self, k: int, images: Tensor) -> list[CachedTeacher]:
         out = self.teachers[k](images)
-        weight = token_weight(out.attn) if (k == 0 and self.kd.token_weight and out.attn is not None) else None
+        weight = (token_weight(out.attn, mode=self.kd.token_weight_mode)
+                  if (k == 0 and self.kd.token_weight and out.attn is not None) else None)
         return [
             CachedTeacher(out.tokens[b], out.cls[b] if out.cls is not None else None,
                           weight[b] if weight is not None else None)
@@ -156,7 +157,9 @@ class MoveKDModel(nn.Module):
                 adapted.append(self.adapters[k](tokens.to(student_tokens.dtype), grid, self.student_grid))
         per_teacher = kd_loss_per_teacher(student_tokens, adapted, weight if self.kd.token_weight else None)
         if clip_cls is not None and (self.kd.teacher_weight or len(adapted) > 1):
-            weights = teacher_weight(clip_cls, adapted, alpha=self.kd.alpha, adaptive=self.kd.teacher_weight)
+            scale = clip_cls.shape[-1] ** -0.5 if self.kd.teacher_weight_scale == "sqrt_d" else None
+            weights = teacher_weight(clip_cls, adapted, alpha=self.kd.alpha, adaptive=self.kd.teacher_weight,
+                                     flatten_threshold=self.kd.teacher_weight_flatten_threshold, scale=scale)
         else:
             weights = torch.full_like(per_teacher, 1.0 / per_teacher.shape[1])
         kd = (weights * per_teacher).sum(-1).mean()
