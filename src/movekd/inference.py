@@ -22,6 +22,9 @@ class LoadedVLM:
     precision: str
     system_prompt: str | None = None
     bos: str = "auto"
+    # How images become squares (movekd.data.images), as in training; fill: the student's mean colour.
+    image_aspect_ratio: str = "stretch"
+    fill: tuple[int, int, int] = (0, 0, 0)
 
     def autocast(self):
         device = next(self.vlm.parameters()).device.type
@@ -47,6 +50,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
     """Load a bundle for inference (eval mode). ``fold_experts``: run sparse-routed MoLE layers on
     per-expert folded FFN weights (no LoRA FLOPs; E extra copies of each FFN in memory, e.g. +604M
     values for CLIP-L with E=3); other routings are unaffected."""
+    from movekd.data import fill_colour
     from movekd.mole import set_fold_inference
     from movekd.student import build_student
     from movekd.vlm import load_vlm, read_config
@@ -61,9 +65,11 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
     set_fold_inference(vlm.vision, fold_experts)
     image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
     stages = train.get("stages") or [{}]
+    # The eval section's image_aspect_ratio if set, else the last stage's (LLaVA: pad in both).
+    aspect = (train.get("eval") or {}).get("image_aspect_ratio") or stages[-1].get("image_aspect_ratio", "stretch")
     return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),
                      precision or train.get("precision", "fp32"), stages[-1].get("system_prompt"),
-                     stages[-1].get("bos", "auto"))
+                     stages[-1].get("bos", "auto"), aspect, fill_colour(vlm.vision.spec.mean))
 
 
 def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
@@ -73,7 +79,7 @@ def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tok
     image_path = Path(image_path)
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
-    image = read_image(image_path, loaded.image_size)[None]
+    image = read_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
     encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt,
                                   bos=loaded.bos)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
+    parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad"),
+                        help="how images become squares (default: as the bundle was trained; LLaVA evaluates "
+                        "with pad)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--predictions", metavar="FILE",
                         help="also write one JSON line per question (id, type, prediction, answer, correct)")
@@ -41,7 +44,8 @@ def _run(args) -> int:
         return 2
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
-                        system_prompt=loaded.system_prompt, bos=loaded.bos, prior_data=args.prior_data)
+                        system_prompt=loaded.system_prompt, bos=loaded.bos, prior_data=args.prior_data,
+                        image_aspect_ratio=args.image_aspect_ratio or loaded.image_aspect_ratio)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
         records = result.pop("predictions")

@@ -64,6 +64,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
                  image_root=".", template: str = "chat", image_size: int = 224,
                  encoder: ConversationEncoder | None = None, system_prompt: str | None = None,
                  bos: str = "auto", first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
+                 image_aspect_ratio: str = "stretch", fill: tuple[int, int, int] = (0, 0, 0),
                  **generate_kwargs) -> dict:
     """Batched greedy generation on ``samples`` and exact-match accuracy.
 
@@ -75,6 +76,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
         template / system_prompt / bos: used to build a :class:`ConversationEncoder` unless ``encoder`` is given
             (it must match training).
         image_size: the square resize used in training.
+        image_aspect_ratio / fill: how images become squares (:mod:`movekd.data.images`), as in training.
 
     Returns:
         ``{"accuracy", "correct", "n", "skipped", "per_type": {type: {"accuracy", "correct", "n"}}}``,
@@ -83,7 +85,8 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     validate_samples(samples, source="evaluate_vqa samples", require_answer=True)
     if encoder is None:
         encoder = ConversationEncoder(tokenizer, template, system_prompt=system_prompt, bos=bos)
-    dataset = LlavaDataset(samples, encoder, image_root=image_root, image_size=image_size, prompt_only=True)
+    dataset = LlavaDataset(samples, encoder, image_root=image_root, image_size=image_size, prompt_only=True,
+                           image_aspect_ratio=image_aspect_ratio, fill=fill)
     pad_id = pad_token_id_of(tokenizer)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=Collator(pad_id, padding_side="left", image_size=image_size))

@@ -165,11 +165,17 @@ class StageDataset(torch.utils.data.Dataset):
         return self.inner[index]
 
     def image_key(self, index: int) -> str:
-        return str(self.inner.sample(index).get("image") or f"#text{index}")
+        key = str(self.inner.sample(index).get("image") or f"#text{index}")
+        # The same file cropped and padded are different teacher inputs (stage 1 square, stage 2 pad).
+        mode = self.inner.image_aspect_ratio
+        return key if mode == "stretch" else f"{key}|{mode}"
+
+    def modality_lengths(self) -> list[int]:
+        return self.inner.modality_lengths()
 
 
 def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> StageDataset:
-    from movekd.data import ConversationEncoder, LlavaDataset, load_llava_json
+    from movekd.data import ConversationEncoder, LlavaDataset, fill_colour, load_llava_json
 
     path = resolve_path(stage.data)
     samples = load_llava_json(path)
@@ -181,4 +187,6 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> St
     root = resolve_path(stage.image_root) if stage.image_root else path.parent
     return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size,
                                      group_by_image=stage.group_by_image,
-                                     max_questions_per_image=stage.max_questions_per_image))
+                                     max_questions_per_image=stage.max_questions_per_image,
+                                     image_aspect_ratio=stage.image_aspect_ratio,
+                                     fill=fill_colour(config.model.student.spec.mean)))

@@ -31,7 +31,9 @@ def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> di
         result = evaluate_vqa(loaded.vlm, loaded.tokenizer, samples, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, image_root=root, template=config.template,
                               system_prompt=config.system_prompt, bos=config.bos,
-                              image_size=loaded.image_size, return_predictions=return_predictions)
+                              image_size=loaded.image_size, return_predictions=return_predictions,
+                              image_aspect_ratio=config.image_aspect_ratio or loaded.image_aspect_ratio,
+                              fill=loaded.fill)
     if config.prior_data:
         prior = answer_prior_baseline(load_llava_json(resolve_path(config.prior_data)), samples)
         result["prior"] = {"accuracy": prior["accuracy"],

@@ -27,7 +27,7 @@ from movekd.train.config import TrainConfig, config_dict
 from movekd.train.groups import set_trainable
 from movekd.train.metrics_log import MetricsLog
 from movekd.train.optim import build_optimizer, build_scheduler
-from movekd.train.sampler import ResumableSampler
+from movekd.train.sampler import ModalityLengthGroupedBatchSampler, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,21 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
 
         done = state["step"] >= total
         while not done:
-            sampler = ResumableSampler(len(dataset), config.seed + stage_index, state["epoch"], state["position"],
-                                       rank=accelerator.process_index, world=accelerator.num_processes)
-            loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate,
-                                num_workers=config.num_workers, drop_last=True,
-                                persistent_workers=False, generator=torch.Generator().manual_seed(config.seed))
+            if stage.group_by_modality_length:
+                # LLaVA's modality-grouped batches; each modality's last partial step is kept.
+                batches = ModalityLengthGroupedBatchSampler(
+                    dataset.modality_lengths(), stage.batch_size, config.seed + stage_index, state["epoch"],
+                    state["position"], rank=accelerator.process_index, world=accelerator.num_processes)
+                loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                    num_workers=config.num_workers, persistent_workers=False,
+                                    generator=torch.Generator().manual_seed(config.seed))
+            else:
+                sampler = ResumableSampler(len(dataset), config.seed + stage_index, state["epoch"],
+                                           state["position"], rank=accelerator.process_index,
+                                           world=accelerator.num_processes)
+                loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate,
+                                    num_workers=config.num_workers, drop_last=True, persistent_workers=False,
+                                    generator=torch.Generator().manual_seed(config.seed))
             micro = 0
             for batch in loader:
                 state["position"] += stage.batch_size * accelerator.num_processes
