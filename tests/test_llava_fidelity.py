@@ -298,3 +298,48 @@ def test_paper_presets_use_the_official_data_and_kd_settings():
                 config.kd.teacher_weight_flatten_threshold) == ("official", "none", 0.8)
     demo = load_config("demo")
     assert all(s.image_aspect_ratio == "stretch" and not s.group_by_modality_length for s in demo.stages)
+
+
+# --- the loop with modality-grouped batches and padded images ---------------------------------------------
+def test_training_with_grouped_batches_never_mixes_and_resumes_exactly(tmp_path, monkeypatch):
+    import json
+
+    from train_fixtures import tiny_config
+
+    from movekd.train import checkpoint as ckpt
+    from movekd.train.config import load_config
+    from movekd.train.kd_model import MoveKDModel
+    from movekd.train.loop import train
+
+    seen = []
+    forward = MoveKDModel.forward
+
+    def recording(self, images, input_ids, attention_mask, labels, has_image=None, **kw):
+        seen.append(has_image.tolist())
+        return forward(self, images, input_ids, attention_mask, labels, has_image, **kw)
+
+    monkeypatch.setattr(MoveKDModel, "forward", recording)
+
+    def config(folder):
+        data = tiny_config(folder, steps=(1, 5))
+        stage2 = data["stages"][1]
+        samples = json.loads(open(stage2["data"]).read())
+        samples += [{"id": f"t{i}", "conversations": [{"from": "human", "value": "say " + "word " * i},
+                                                      {"from": "gpt", "value": "ok"}]} for i in range(1, 7)]
+        open(stage2["data"], "w").write(json.dumps(samples))
+        stage2.update(group_by_modality_length=True, image_aspect_ratio="pad", batch_size=3)
+        return load_config(data)
+
+    straight = train(config(tmp_path / "a"), show_progress=False)
+    stage2_batches = seen[1:]
+    assert len(stage2_batches) == 5 and all(len(set(b)) == 1 for b in stage2_batches)
+    assert {b[0] for b in stage2_batches} == {True, False}  # 12 image and 6 text samples: both occur
+    resumed_config = config(tmp_path / "b")
+    train(resumed_config, show_progress=False, stop_after_steps=3)
+    assert ckpt.latest_checkpoint(resumed_config.run_dir).name == "step-0000003"
+    seen.clear()
+    resumed = train(resumed_config, resume=resumed_config.run_dir, show_progress=False)
+    assert seen == stage2_batches[2:]
+    a, b = straight.system.checkpoint_weights(), resumed.system.checkpoint_weights()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
