@@ -276,9 +276,8 @@ def test_kd_options_change_the_loss_as_their_equations_say(options, expected_arg
 
 
 def test_kd_option_values_are_checked():
-    from movekd.config.loader import ConfigError
+    from movekd.config.loader import ConfigError, from_dict
     from movekd.train.config import KDConfig
-    from movekd.config.loader import from_dict
 
     with pytest.raises(ConfigError, match="kd.teacher_weight_scale"):
         from_dict(KDConfig, {"teacher_weight_scale": "sqrt"}, prefix="kd.")
@@ -331,6 +330,11 @@ def test_training_with_grouped_batches_never_mixes_and_resumes_exactly(tmp_path,
         return load_config(data)
 
     straight = train(config(tmp_path / "a"), show_progress=False)
+    # the bundle carries the mode: eval and chat pad too, with the student's mean colour
+    from movekd.inference import load_trained
+
+    loaded = load_trained(straight.final_dir)
+    assert (loaded.image_aspect_ratio, loaded.fill) == ("pad", fill_colour(straight.system.config.model.student.spec.mean))
     stage2_batches = seen[1:]
     assert len(stage2_batches) == 5 and all(len(set(b)) == 1 for b in stage2_batches)
     assert {b[0] for b in stage2_batches} == {True, False}  # 12 image and 6 text samples: both occur

@@ -12,6 +12,8 @@ def register(subparsers) -> None:
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad"),
+                        help="how the image becomes a square (default: as the bundle was trained)")
     parser.add_argument("--no-fold", action="store_true",
                         help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
     parser.set_defaults(func=_run)
@@ -22,6 +24,8 @@ def _run(args) -> int:
 
     try:
         loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
+        if args.image_aspect_ratio:
+            loaded.image_aspect_ratio = args.image_aspect_ratio
         print(answer(loaded, args.image, args.question, args.max_new_tokens))
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,7 +1,11 @@
-"""A resumable, deterministic sampler: the order depends only on (seed, epoch), and it can start
-mid-epoch, so a resumed run sees exactly the batches the interrupted run would have seen next."""
+"""Resumable, deterministic samplers: the order depends only on (seed, epoch), and they can start
+mid-epoch, so a resumed run sees exactly the batches the interrupted run would have seen next.
+``ResumableSampler`` is a plain shuffle; ``ModalityLengthGroupedBatchSampler`` is LLaVA's
+``--group_by_modality_length`` batching (stage option ``group_by_modality_length``)."""
 
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -34,7 +38,8 @@ class ResumableSampler(Sampler[int]):
         return len(range(self.start + self.rank, self.size, self.world))
 
 
-def split_to_even_chunks(indices: list[int], lengths: list[int], num_chunks: int) -> list[list[int]]:
+def split_to_even_chunks(indices: list[int], lengths: Mapping[int, int] | Sequence[int],
+                         num_chunks: int) -> list[list[int]]:
     """LLaVA's split of one mega-batch into ``num_chunks`` per-device batches of about equal total
     length: longest first, each to the chunk with the least length so far, until it is full. When the
     mega-batch does not divide evenly (a modality's last one), a round-robin split instead."""
