@@ -100,7 +100,7 @@ def test_pad_at_a_different_decode_size_stays_close():
     ours = Preprocessor.from_spec(spec)(prepare_image(img, "pad", fill, 160)[None])
     ref = _pixels(hf_processor(spec), llava_expand2square(img, fill))
     grey = (ours - ref).abs() * 255 * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    assert grey.mean() < 3 and grey.max() < 64
+    assert grey.mean() < 1 and grey.max() < 8  # measured: 0.33 and 3 grey levels
 
 
 # --- square --------------------------------------------------------------------------------------------
