@@ -12,19 +12,55 @@ from pathlib import Path
 
 import torch
 
+from movekd.vlm.config import VLMConfig
+
 
 @dataclass
 class LoadedVLM:
+    """A model ready for inference, with the bundle's :class:`movekd.vlm.VLMConfig` (prompt format,
+    image decoding, precision). ``vlm`` is a :class:`movekd.vlm.MoveKDVLM` or anything with its
+    ``generate(images, input_ids, attention_mask, ...)`` (e.g. an exported HF LLaVA folder)."""
+
     vlm: object
     tokenizer: object
-    image_size: int
-    template: str
-    precision: str
-    system_prompt: str | None = None
-    bos: str = "auto"
-    # How images become squares (movekd.data.images), as in training; fill: the student's mean colour.
-    image_aspect_ratio: str = "stretch"
-    fill: tuple[int, int, int] = (0, 0, 0)
+    config: VLMConfig
+    precision_override: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.config.decode_size
+
+    @property
+    def template(self) -> str:
+        return self.config.template
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.config.system_prompt
+
+    @property
+    def bos(self) -> str:
+        return self.config.bos
+
+    @property
+    def image_aspect_ratio(self) -> str:
+        return self.config.image_aspect_ratio
+
+    @image_aspect_ratio.setter
+    def image_aspect_ratio(self, mode: str) -> None:  # e.g. chat --image-aspect-ratio
+        self.config = self.config.replace(image_aspect_ratio=mode)
+
+    @property
+    def precision(self) -> str:
+        return self.precision_override or self.config.precision
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The ``pad`` colour: the student's mean, LLaVA's rounding (:func:`movekd.data.fill_colour`)."""
+        from movekd.data import fill_colour
+
+        spec = self.config.vision.get("spec") or {}
+        return fill_colour(spec.get("mean", (0.0, 0.0, 0.0)))
 
     def autocast(self):
         device = next(self.vlm.parameters()).device.type
@@ -42,34 +78,29 @@ def resolve_bundle(path: str | Path) -> Path:
         return path
     if (path / "final" / "movekd_config.json").is_file():
         return path / "final"
-    raise FileNotFoundError(f"{path} is neither a movekd VLM bundle nor a run folder with one in final/")
+    raise FileNotFoundError(f"{path} is neither a movekd VLM bundle, nor a run folder with one in final/, "
+                            "nor a movekd export (hf-llava)")
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None,
                  fold_experts: bool = True) -> LoadedVLM:
-    """Load a bundle for inference (eval mode). ``fold_experts``: run sparse-routed MoLE layers on
-    per-expert folded FFN weights (no LoRA FLOPs; E extra copies of each FFN in memory, e.g. +604M
-    values for CLIP-L with E=3); other routings are unaffected."""
-    from movekd.data import fill_colour
-    from movekd.mole import set_fold_inference
-    from movekd.student import build_student
-    from movekd.vlm import load_vlm, read_config
-    from movekd.vlm.io import load_tokenizer
+    """Load a bundle, a run folder or an ``movekd export`` folder for inference (eval mode).
 
+    ``fold_experts``: run sparse-routed MoLE layers on per-expert folded FFN weights (no LoRA FLOPs;
+    E extra copies of each FFN in memory, e.g. +604M values for CLIP-L with E=3); other routings are
+    unaffected. ``precision`` overrides the bundle's."""
+    from movekd.mole import set_fold_inference
+    from movekd.vlm import load_tokenizer, load_vlm
+
+    from movekd.export.hf_llava_runner import is_hf_llava_export, load_hf_llava_export
+
+    if is_hf_llava_export(path):
+        model, tokenizer, config = load_hf_llava_export(path, device=device)
+        return LoadedVLM(model, tokenizer, config, precision)
     bundle = resolve_bundle(path)
-    config = read_config(bundle)
-    train = config.get("extra", {}).get("train_config", {})
-    attn = train.get("model", {}).get("llm_attn_implementation", "sdpa")
-    vlm = load_vlm(bundle, build_vision=build_student, device=device, attn_implementation=attn)
-    vlm.eval()
+    vlm = load_vlm(bundle, device=device)
     set_fold_inference(vlm.vision, fold_experts)
-    image_size = int(train.get("image_size") or vlm.vision.spec.image_size)
-    stages = train.get("stages") or [{}]
-    # The eval section's image_aspect_ratio if set, else the last stage's (LLaVA: pad in both).
-    aspect = (train.get("eval") or {}).get("image_aspect_ratio") or stages[-1].get("image_aspect_ratio", "stretch")
-    return LoadedVLM(vlm, load_tokenizer(bundle), image_size, stages[-1].get("template", "chat"),
-                     precision or train.get("precision", "fp32"), stages[-1].get("system_prompt"),
-                     stages[-1].get("bos", "auto"), aspect, fill_colour(vlm.vision.spec.mean))
+    return LoadedVLM(vlm, load_tokenizer(bundle), vlm.config, precision)
 
 
 def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:

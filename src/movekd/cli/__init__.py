@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order = order in `movekd --help`.
-SUBCOMMANDS = ["demo", "train", "eval", "chat", "assets", "teachers", "bench"]
+SUBCOMMANDS = ["demo", "train", "eval", "chat", "export", "assets", "teachers", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"movekd.cli.{name}").register(subparsers)
+        importlib.import_module(f"movekd.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 

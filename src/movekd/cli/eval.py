@@ -13,7 +13,7 @@ def register(subparsers) -> None:
         "eval", help="evaluate a trained VLM on LLaVA-format VQA data (exact match, batched greedy)",
         description="Exact-match accuracy (first word, case and punctuation folded) of a trained VLM on "
         "LLaVA-format Q/A data, per question type when samples carry a 'type'.")
-    parser.add_argument("checkpoint", help="inference bundle or run folder")
+    parser.add_argument("checkpoint", help="inference bundle, run folder, or `movekd export` folder")
     parser.add_argument("--data", required=True, help="LLaVA JSON (or asset:easyvqa/test.json)")
     parser.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
     parser.add_argument("--max-samples", type=int, default=None, help="seeded subset of this size")
@@ -43,9 +43,8 @@ def _run(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=loaded.template,
-                        system_prompt=loaded.system_prompt, bos=loaded.bos, prior_data=args.prior_data,
-                        image_aspect_ratio=args.image_aspect_ratio or loaded.image_aspect_ratio)
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,
+                        image_aspect_ratio=args.image_aspect_ratio)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
         records = result.pop("predictions")

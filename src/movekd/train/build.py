@@ -89,10 +89,15 @@ class System:
         return state_dict_without_teachers(self.model)
 
     def save_inference(self, path: Path, extra: dict | None = None) -> Path:
-        """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters."""
-        from movekd.vlm import save_vlm
+        """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters. The
+        bundle's config carries the last stage's prompt format and the run's image decoding."""
+        from movekd.train.config import config_dict
+        from movekd.vlm import config_for, save_vlm
+        from movekd.vlm.config import settings_from_train_config
 
-        return save_vlm(self.model.vlm, path, tokenizer=self.tokenizer, extra=extra, overwrite=True)
+        settings = {**settings_from_train_config(config_dict(self.config)), "image_size": self.image_size}
+        return save_vlm(self.model.vlm, path, tokenizer=self.tokenizer, config=config_for(self.model.vlm, **settings),
+                        extra=extra, overwrite=True)
 
 
 def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> System:

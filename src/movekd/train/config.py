@@ -166,10 +166,12 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32
     max_new_tokens: int = 4
-    template: Literal["plain", "chat", "v1"] = "chat"
-    system_prompt: Optional[str] = None  # must match the last training stage
-    bos: Literal["auto", "always", "never"] = "auto"  # likewise
-    # None: the last training stage's (saved with the bundle); LLaVA evaluates with "pad".
+    # Prompt format: None (default) = the bundle's own (the last training stage's); set only to
+    # evaluate a model under a different prompt. system_prompt None also means the bundle's.
+    template: Optional[Literal["plain", "chat", "v1"]] = None
+    system_prompt: Optional[str] = None
+    bos: Optional[Literal["auto", "always", "never"]] = None
+    # None: the bundle's (the last training stage's, or its eval section's); LLaVA evaluates with "pad".
     image_aspect_ratio: Optional[Literal["stretch", "square", "pad"]] = None
     # Training split used for the answer-prior baseline (most frequent answer per question type).
     prior_data: Optional[str] = None

@@ -22,15 +22,18 @@ def eval_samples(config: EvalConfig) -> tuple[list[dict], Path]:
 
 
 def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> dict:
-    """Accuracy of a loaded VLM (``movekd.inference.LoadedVLM``) plus the answer-prior baseline."""
+    """Accuracy of a loaded VLM (``movekd.inference.LoadedVLM``) plus the answer-prior baseline. The prompt
+    format is the bundle's unless ``config`` overrides it."""
     from movekd.data import load_llava_json
     from movekd.eval.vqa import answer_prior_baseline, evaluate_vqa
 
     samples, root = eval_samples(config)
     with loaded.autocast():
         result = evaluate_vqa(loaded.vlm, loaded.tokenizer, samples, batch_size=config.batch_size,
-                              max_new_tokens=config.max_new_tokens, image_root=root, template=config.template,
-                              system_prompt=config.system_prompt, bos=config.bos,
+                              max_new_tokens=config.max_new_tokens, image_root=root,
+                              template=config.template or loaded.template,
+                              system_prompt=loaded.system_prompt if config.system_prompt is None else config.system_prompt,
+                              bos=config.bos or loaded.bos,
                               image_size=loaded.image_size, return_predictions=return_predictions,
                               image_aspect_ratio=config.image_aspect_ratio or loaded.image_aspect_ratio,
                               fill=loaded.fill)

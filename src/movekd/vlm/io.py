@@ -2,13 +2,19 @@
 
 Layout of a bundle folder::
 
-    movekd_config.json      {"format": "movekd-vlm", "format_version": 1, "vision": {...},
-                             "projector": {"type", "in_dim", "out_dim"}, "image_token_index": -200, ...}
+    movekd_config.json      {"format": "movekd-vlm", "format_version": 2, "movekd_version": ...,
+                             **asdict(VLMConfig), "extra": {...}}: the typed config of
+                             :mod:`movekd.vlm.config` (vision recipe, projector, image decoding,
+                             template / bos / system prompt, precision, attention implementation)
     vision.safetensors      state dict of ``vlm.vision``
     projector.safetensors   state dict of ``vlm.projector``
     llm/                    the LLM in Hugging Face format (``save_pretrained``, safetensors),
                             plus the tokenizer when one is given: ``AutoModelForCausalLM`` /
                             ``AutoTokenizer.from_pretrained(bundle / "llm")`` work on their own.
+
+Version 1 bundles (movekd 0.1: ``vision``, ``projector``, ``image_token_index`` and the prompt
+settings only inside ``extra.train_config``) still load: :func:`read_vlm_config` derives the
+missing fields from the training config they carry.
 
 The folder is written under a temporary name next to the target and renamed into place, so a
 crash never leaves a half-written bundle under the final name. The vision module is rebuilt by a
@@ -29,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from movekd.atomic import atomic_folder
+from movekd.vlm.config import VLMConfig, config_for, settings_from_train_config
 from movekd.vlm.model import MoveKDVLM
 from movekd.vlm.projector import build_projector
 
@@ -37,35 +44,27 @@ VISION_FILE = "vision.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 LLM_DIR = "llm"
 FORMAT = "movekd-vlm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_FORMAT_KEYS = ("format", "format_version", "movekd_version", "extra", "llm_subfolder")
 
 
-def save_vlm(vlm: MoveKDVLM, path: str | os.PathLike, *, tokenizer=None, extra: dict | None = None,
-             overwrite: bool = False) -> Path:
+def save_vlm(vlm: MoveKDVLM, path: str | os.PathLike, *, tokenizer=None, config: VLMConfig | None = None,
+             extra: dict | None = None, overwrite: bool = False) -> Path:
     """Write the inference bundle of ``vlm`` to the folder ``path`` (atomically); returns ``path``.
 
-    ``extra`` is stored under ``"extra"`` in the JSON config (e.g. the training config, the image
-    size and template name). ``overwrite`` replaces an existing bundle, else it is an error.
+    ``config``: the bundle's :class:`VLMConfig` (default: ``vlm.config`` if set, else one built
+    from the modules with default prompt settings). ``extra`` is stored under ``"extra"`` (e.g. the
+    training config, for the record). ``overwrite`` replaces an existing bundle, else it is an error.
     """
     from movekd import __version__
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    projector_cfg = getattr(vlm.projector, "config", None)
-    if not projector_cfg:
-        raise ValueError("vlm.projector has no .config; build it with movekd.vlm.build_projector")
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "movekd_version": __version__,
-        "vision": vlm.vision_config,
-        "projector": dict(projector_cfg),
-        "image_token_index": vlm.image_token_index,
-        "llm_subfolder": LLM_DIR,
-        "extra": extra or {},
-    }
-    config_text = json.dumps(config, indent=2, sort_keys=True)  # fails here, before any write, if not JSON-able
+    config = config or getattr(vlm, "config", None) or config_for(vlm)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "movekd_version": __version__,
+                **config.to_dict(), "extra": extra or {}}
+    config_text = json.dumps(document, indent=2, sort_keys=True)  # fails here, before any write, if not JSON-able
     with atomic_folder(path) as tmp:
         metadata = {"format": "pt"}
         save_model(vlm.vision, str(tmp / VISION_FILE), metadata=metadata)
@@ -90,27 +89,45 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_vlm(path: str | os.PathLike, build_vision: Callable[[dict], nn.Module], *,
+def read_vlm_config(path: str | os.PathLike) -> VLMConfig:
+    """The bundle's :class:`VLMConfig`; for a version-1 bundle, derived from its training config."""
+    document = read_config(path)
+    if document.get("format_version", 1) >= 2:
+        return VLMConfig.from_dict({k: v for k, v in document.items() if k not in _FORMAT_KEYS})
+    if "vision" not in document or "projector" not in document:
+        raise ValueError(f"{path}: a version-1 bundle config without 'vision'/'projector'; it cannot be loaded")
+    settings = settings_from_train_config(document.get("extra", {}).get("train_config"))
+    if "image_size" not in settings and document.get("extra", {}).get("image_size"):
+        settings["image_size"] = int(document["extra"]["image_size"])
+    return VLMConfig.from_dict({"vision": document["vision"], "projector": document["projector"],
+                                "image_token_index": document.get("image_token_index", -200), **settings})
+
+
+def load_vlm(path: str | os.PathLike, build_vision: Callable[[dict], nn.Module] | None = None, *,
              dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              **llm_kwargs) -> MoveKDVLM:
-    """Rebuild a :class:`MoveKDVLM` from a bundle.
+    """Rebuild a :class:`MoveKDVLM` from a bundle (its ``.config`` set to the bundle's :class:`VLMConfig`).
 
-    ``build_vision(config["vision"])`` must return the vision module (weights are then loaded
-    strictly). ``dtype``/``device`` apply to the whole model; ``llm_kwargs`` go to
-    ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``). Returns it in eval mode.
+    ``build_vision(config.vision)`` must return the vision module (weights are then loaded
+    strictly); default: :func:`movekd.student.build_student`. ``dtype``/``device`` apply to the whole
+    model; ``llm_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (default
+    ``attn_implementation``: the bundle's). Returns it in eval mode.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    config = read_config(path)
-    vision = build_vision(dict(config["vision"]))
+    config = read_vlm_config(path)
+    if build_vision is None:
+        from movekd.student import build_student as build_vision
+    vision = build_vision(dict(config.vision))
     load_model(vision, str(path / VISION_FILE), strict=True)
-    pcfg = config["projector"]
-    projector = build_projector(pcfg["type"], pcfg["in_dim"], pcfg["out_dim"])
+    pcfg = config.projector
+    projector = build_projector(pcfg.type, pcfg.in_dim, pcfg.out_dim)
     load_model(projector, str(path / PROJECTOR_FILE), strict=True)
-    llm = AutoModelForCausalLM.from_pretrained(path / config.get("llm_subfolder", LLM_DIR), **llm_kwargs)
-    vlm = MoveKDVLM(vision, projector, llm, vision_config=config["vision"],
-                    image_token_index=config.get("image_token_index", -200))
+    llm_kwargs.setdefault("attn_implementation", config.attn_implementation)
+    llm = AutoModelForCausalLM.from_pretrained(path / LLM_DIR, **llm_kwargs)
+    vlm = MoveKDVLM(vision, projector, llm, vision_config=config.vision, image_token_index=config.image_token_index,
+                    config=config)
     if dtype is not None or device is not None:
         vlm.to(device=device, dtype=dtype)
     return vlm.eval()
@@ -120,5 +137,5 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved with the bundle (``save_vlm(..., tokenizer=...)``)."""
     from transformers import AutoTokenizer
 
-    config = read_config(path)
-    return AutoTokenizer.from_pretrained(Path(path) / config.get("llm_subfolder", LLM_DIR))
+    read_config(path)  # checks that this is a bundle
+    return AutoTokenizer.from_pretrained(Path(path) / LLM_DIR)

@@ -167,10 +167,12 @@ class MoveKDVLM(nn.Module):
         llm: a Hugging Face causal LM (``AutoModelForCausalLM``).
         vision_config: dict from which the caller's factory rebuilds ``vision`` (saved by :mod:`movekd.vlm.io`).
         image_token_index: the placeholder id in ``input_ids``.
+        config: the bundle's :class:`movekd.vlm.config.VLMConfig` (prompt format, image decoding,
+            precision), set by :meth:`from_pretrained` and written by :meth:`save_pretrained`.
     """
 
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, *,
-                 vision_config: dict | None = None, image_token_index: int = IMAGE_TOKEN_INDEX):
+                 vision_config: dict | None = None, image_token_index: int = IMAGE_TOKEN_INDEX, config=None):
         super().__init__()
         self.vision = vision
         self.projector = projector
@@ -180,6 +182,21 @@ class MoveKDVLM(nn.Module):
             vision_config = vision_config if isinstance(vision_config, dict) else {}
         self.vision_config = dict(vision_config)
         self.image_token_index = image_token_index
+        self.config = config
+
+    def save_pretrained(self, path, *, tokenizer=None, config=None, extra: dict | None = None,
+                        overwrite: bool = False):
+        """Write the bundle (``movekd_config.json`` + safetensors + ``llm/``); see :func:`movekd.vlm.io.save_vlm`."""
+        from movekd.vlm.io import save_vlm
+
+        return save_vlm(self, path, tokenizer=tokenizer, config=config, extra=extra, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path, *, build_vision=None, dtype=None, device=None, **llm_kwargs) -> "MoveKDVLM":
+        """Rebuild from a bundle written by :meth:`save_pretrained`; see :func:`movekd.vlm.io.load_vlm`."""
+        from movekd.vlm.io import load_vlm
+
+        return load_vlm(path, build_vision, dtype=dtype, device=device, **llm_kwargs)
 
     def encode_images(self, images: torch.Tensor):
         """Run the vision module and the projector: ``(vision_output, image_embeds [B,N,D_llm])``."""

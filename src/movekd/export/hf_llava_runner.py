@@ -1,0 +1,84 @@
+"""Run an exported HF LLaVA folder through movekd's own evaluation (``movekd eval EXPORT``).
+
+:class:`HFLlavaGenerator` gives a ``LlavaForConditionalGeneration`` the ``generate`` of
+:class:`movekd.vlm.MoveKDVLM`: uint8 images through the exported image processor, each image
+placeholder (-200) of movekd's prompts expanded into the export's ``<image>`` tokens, greedy
+generation by transformers. So the same data path and scoring compare a bundle and its export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from movekd.data.templates import IMAGE_TOKEN_INDEX
+
+
+def is_hf_llava_export(path: str | Path) -> bool:
+    from movekd.export.hf_llava import EXPORT_INFO
+
+    return (Path(path) / EXPORT_INFO).is_file() and (Path(path) / "config.json").is_file()
+
+
+class HFLlavaGenerator(nn.Module):
+    def __init__(self, model: nn.Module, image_processor, image_token_id: int, num_image_tokens: int):
+        super().__init__()
+        self.model = model
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+
+    def expand_placeholders(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
+        """Each -200 → ``num_image_tokens`` image tokens; rows re-padded on the left."""
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            kept = [t for t, m in zip(ids, mask) if m]
+            out = []
+            for t in kept:
+                out.extend([self.image_token_id] * self.num_image_tokens if t == IMAGE_TOKEN_INDEX else [t])
+            rows.append(out)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, images, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
+                 eos_token_id=None, pad_token_id=None, **kwargs) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad = pad_token_id if pad_token_id is not None else 0
+        ids, mask = self.expand_placeholders(input_ids.cpu(), attention_mask.cpu(), pad)
+        device = next(self.model.parameters()).device
+        pixel_values = self.image_processor(images=list(images.cpu()), return_tensors="pt")["pixel_values"]
+        dtype = next(self.model.parameters()).dtype
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  pixel_values=pixel_values.to(device, dtype), max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad,
+                                  temperature=None, top_p=None, top_k=None, **kwargs)
+        return out[:, ids.shape[1]:]
+
+
+def load_hf_llava_export(path: str | Path, device: str | torch.device = "cpu"):
+    """``(HFLlavaGenerator, tokenizer, VLMConfig)`` of an export folder written by ``movekd export``."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    import movekd.export.hf_student  # noqa: F401  (registers movekd_student for exact exports)
+    from movekd.export.hf_llava import EXPORT_INFO
+    from movekd.vlm import VLMConfig
+
+    path = Path(path)
+    info = json.loads((path / EXPORT_INFO).read_text())
+    config = VLMConfig.from_dict(info["vlm"])
+    model = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    generator = HFLlavaGenerator(model, image_processor, int(info["image_token_id"]),
+                                 int(model.config.image_seq_length))
+    return generator, tokenizer, config

@@ -1,0 +1,234 @@
+"""The self-describing bundle, and ``movekd export --format hf-llava`` (exact and merged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from movekd.cli import main
+from movekd.inference import load_trained
+from movekd.train.build import build_system
+from movekd.train.config import load_config
+from movekd.vlm import MoveKDVLM, VLMConfig, read_vlm_config
+from train_fixtures import tiny_config
+
+
+def _make_bundle(root: Path, *, routing: str = "sparse", system_prompt: str | None = "") -> tuple[Path, dict]:
+    raw = tiny_config(root, kd=False, routing=routing)
+    raw["model"]["student"]["mole"]["init"] = "paper"  # experts that differ from the base FFN and each other
+    raw["stages"][1]["system_prompt"] = system_prompt
+    config = load_config(raw)
+    torch.manual_seed(0)
+    system = build_system(config)
+    with torch.no_grad():  # routers that really spread tokens over the experts
+        for name, p in system.model.vlm.vision.named_parameters():
+            if ".router." in name:
+                p.normal_(0, 1.0)
+    path = system.save_inference(root / "bundle", extra={"train_config": raw})
+    return path, raw
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return _make_bundle(tmp_path_factory.mktemp("export"))
+
+
+def _prompt_batch(loaded, question="what color is the shape?"):
+    from movekd.data import ConversationEncoder
+
+    enc = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt, bos=loaded.bos)
+    return enc.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True).input_ids[None]
+
+
+def test_bundle_describes_itself_and_round_trips(bundle, tmp_path):
+    path, raw = bundle
+    config = read_vlm_config(path)
+    assert isinstance(config, VLMConfig)
+    assert (config.template, config.bos, config.system_prompt) == ("chat", "auto", "")
+    assert config.image_size == 32 and config.precision == "fp32" and config.image_aspect_ratio == "stretch"
+    assert config.vision["mole_options"]["routing"] == "sparse" and config.projector.type == "mlp2x_gelu"
+    vlm = MoveKDVLM.from_pretrained(path)
+    assert vlm.config == config
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.tensor([[5, -200, 7, 8], [6, -200, 9, 10]])
+    with torch.no_grad():
+        before = vlm(images, ids).logits
+    vlm.save_pretrained(tmp_path / "again")
+    again = MoveKDVLM.from_pretrained(tmp_path / "again")
+    assert again.config == config
+    with torch.no_grad():
+        assert torch.equal(again(images, ids).logits, before)
+
+
+def test_version1_bundle_still_loads(bundle, tmp_path):
+    import shutil
+
+    path, raw = bundle
+    old = tmp_path / "v1"
+    shutil.copytree(path, old)
+    document = json.loads((old / "movekd_config.json").read_text())
+    legacy = {"format": "movekd-vlm", "format_version": 1, "movekd_version": "0.1.0", "vision": document["vision"],
+              "projector": document["projector"], "image_token_index": -200, "llm_subfolder": "llm",
+              "extra": {"train_config": raw}}
+    (old / "movekd_config.json").write_text(json.dumps(legacy))
+    assert read_vlm_config(old) == read_vlm_config(path)
+    assert load_trained(old).system_prompt == ""
+    legacy.pop("vision")
+    (old / "movekd_config.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="version-1 bundle"):
+        read_vlm_config(old)
+
+
+def test_unknown_config_key_is_named(bundle, tmp_path):
+    import shutil
+
+    from movekd.config.loader import ConfigError
+
+    path, _ = bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    document = json.loads((bad / "movekd_config.json").read_text())
+    document["templat"] = "chat"
+    (bad / "movekd_config.json").write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="templat"):
+        read_vlm_config(bad)
+
+
+def test_exact_export_gives_identical_logits(bundle, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path, raw = bundle
+    out = tmp_path / "exact"
+    assert main(["export", str(path), str(out), "--merge", "none"]) == 0
+    assert json.loads((out / "config.json").read_text())["vision_config"]["model_type"] == "movekd_student"
+    assert "Exact export" in (out / "README.md").read_text()
+    loaded = load_trained(path)
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        ours = loaded.vlm(image[None], _prompt_batch(loaded)).logits
+        theirs = hf(**inputs).logits
+    vocab = ours.shape[-1]
+    assert theirs.shape[1] == ours.shape[1]  # same prompt length once the image is expanded
+    torch.testing.assert_close(theirs[..., :vocab], ours, rtol=0, atol=1e-5)
+
+
+STOCK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.append(sys.argv.pop(1))  # site-packages only: run with -I -S, so no .pth (movekd's editable install)
+    try:
+        import movekd
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("movekd is importable in the stock process")
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    folder, *images = sys.argv[1:]
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    answers = []
+    for path in images:
+        inputs = processor(images=Image.open(path), text=prompt, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        answers.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(json.dumps(answers))
+""")
+
+
+def _stock_python(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a Python that cannot import movekd: isolated (-I: no PYTHONPATH, no script
+    folder, no user site) and without site (-S: no .pth files, so no editable install); only the
+    installed packages' folder is on the path."""
+    import sysconfig
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-I", "-S", str(script), sysconfig.get_paths()["purelib"], *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("merge", ["mean", "usage"])
+def test_merged_export_answers_in_stock_transformers_like_movekd(bundle, tmp_path, merge):
+    path, raw = bundle
+    data = raw["stages"][1]["data"]
+    out = tmp_path / merge
+    args = ["export", str(path), str(out), "--merge", merge, "--calib", data]
+    assert main(args) == 0
+    info = json.loads((out / "movekd_export.json").read_text())
+    assert info["merge"] == merge and info["cost"]["feature_distance"]["relative_l2"] > 0
+    if merge == "usage":
+        usage = info["expert_usage"]
+        assert usage and all(abs(sum(w) - 1) < 1e-5 for w in usage.values())  # sparse: routed fractions
+    assert json.loads((out / "config.json").read_text())["vision_config"]["model_type"] == "dinov2"
+
+    # movekd's own evaluation of the merged weights (the export folder, through movekd eval's data path)
+    samples = json.loads(Path(data).read_text())
+    images = sorted({str(Path(data).parent / s["image"]) for s in samples})[:4]
+    loaded = load_trained(out)
+    from movekd.inference import answer
+
+    ours = [answer(loaded, image, "what color is the shape?", max_new_tokens=3) for image in images]
+    script = tmp_path / "stock.py"
+    script.write_text(STOCK_SCRIPT)
+    proc = _stock_python(script, str(out), *images)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [t.strip() for t in theirs] == ours
+
+
+def test_merged_eval_equals_movekd_merged_weights(bundle, tmp_path, capsys):
+    """movekd eval on a merged export = movekd's evaluation of the same merged weights in a MoveKDVLM."""
+    from movekd.export import merge_weights, merged_student
+    from movekd.inference import LoadedVLM
+    from movekd.train.config import EvalConfig
+    from movekd.train.evaluate import run_eval
+
+    path, raw = bundle
+    data = raw["stages"][1]["data"]
+    out = tmp_path / "mean"
+    assert main(["export", str(path), str(out), "--merge", "mean", "--eval-data", data, "--eval-samples", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "merge cost on" in printed and "(bundle) ->" in printed
+    info = json.loads((out / "movekd_export.json").read_text())
+    loaded = load_trained(path)
+    plain = merged_student(loaded.vlm.vision, merge_weights(loaded.vlm.vision, "mean"))
+    merged = LoadedVLM(MoveKDVLM(plain, loaded.vlm.projector, loaded.vlm.llm), loaded.tokenizer, loaded.config)
+    config = EvalConfig(data=data, max_samples=12, max_new_tokens=3)
+    expected = run_eval(merged, config, return_predictions=True)
+    got = run_eval(load_trained(out), config, return_predictions=True)
+    assert [r["prediction"] for r in got["predictions"]] == [r["prediction"] for r in expected["predictions"]]
+    assert info["cost"]["merged"]["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_export_refuses_unmappable_projector(bundle, tmp_path, capsys):
+    import shutil
+
+    path, _ = bundle
+    pooled = tmp_path / "pooled"
+    shutil.copytree(path, pooled)
+    document = json.loads((pooled / "movekd_config.json").read_text())
+    document["projector"]["type"] = "pool2_mlp2x_gelu"  # token pooling: no LLaVA equivalent
+    (pooled / "movekd_config.json").write_text(json.dumps(document))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(pooled / "projector.safetensors")
+    save_file({f"inner.{k}": v for k, v in weights.items()}, pooled / "projector.safetensors")
+    assert main(["export", str(pooled), str(tmp_path / "out")]) == 2
+    assert "pool2_mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["export", str(path), str(tmp_path / "u"), "--merge", "usage"]) == 2
+    assert "--calib" in capsys.readouterr().err
