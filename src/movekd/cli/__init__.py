@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Order = order in `movekd --help`.
-SUBCOMMANDS = ["demo", "train", "eval", "chat", "export", "assets", "teachers", "bench"]
+SUBCOMMANDS = ["demo", "train", "eval", "chat", "export", "import-official", "assets", "teachers", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
