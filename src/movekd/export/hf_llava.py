@@ -56,11 +56,14 @@ class ExportResult:
 
 def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 256, batch_size: int = 16,
                         image_root: str | Path | None = None) -> list[torch.Tensor]:
-    """The distinct images of a LLaVA JSON, decoded as movekd decodes them, in uint8 batches."""
+    """The distinct images of a LLaVA JSON (a path or ``asset:easyvqa/test.json``), decoded as movekd
+    decodes them, in uint8 batches."""
     from movekd.data import load_llava_json, read_image
     from movekd.data.llava_json import resolve_image
 
-    path = Path(data)
+    from movekd.train.build import resolve_path
+
+    path = resolve_path(str(data))  # a path or asset:NAME/file
     root = Path(image_root) if image_root else path.parent
     seen, images = set(), []
     for sample in load_llava_json(path, require_answer=False):
