@@ -124,6 +124,20 @@ def test_exact_export_gives_identical_logits(bundle, tmp_path):
     torch.testing.assert_close(theirs[..., :vocab], ours, rtol=0, atol=1e-5)
 
 
+def test_eval_on_exact_export_equals_eval_on_the_bundle(bundle, tmp_path):
+    from movekd.train.config import EvalConfig
+    from movekd.train.evaluate import run_eval
+
+    path, raw = bundle
+    out = tmp_path / "exact"
+    assert main(["export", str(path), str(out)]) == 0
+    config = EvalConfig(data=raw["stages"][1]["data"], max_samples=12, max_new_tokens=3, batch_size=5)
+    expected = run_eval(load_trained(path), config, return_predictions=True)["predictions"]
+    got = run_eval(load_trained(out), config, return_predictions=True)["predictions"]
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in expected]
+    assert any(r["prediction"] for r in got)  # something was generated
+
+
 STOCK_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.append(sys.argv.pop(1))  # site-packages only: run with -I -S, so no .pth (movekd's editable install)

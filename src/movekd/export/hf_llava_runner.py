@@ -76,7 +76,10 @@ def load_hf_llava_export(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     info = json.loads((path / EXPORT_INFO).read_text())
     config = VLMConfig.from_dict(info["vlm"])
-    model = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
+    # The LLM's attention kernel as in the bundle (eager and SDPA round differently in bf16); the
+    # vision tower keeps SDPA, as movekd's student runs it.
+    attn = {"text_config": config.attn_implementation, "vision_config": "sdpa", "": "sdpa"}
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     generator = HFLlavaGenerator(model, image_processor, int(info["image_token_id"]),
