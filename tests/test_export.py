@@ -190,13 +190,21 @@ def test_merged_export_answers_in_stock_transformers_like_movekd(bundle, tmp_pat
         assert usage and all(abs(sum(w) - 1) < 1e-5 for w in usage.values())  # sparse: routed fractions
     assert json.loads((out / "config.json").read_text())["vision_config"]["model_type"] == "dinov2"
 
-    # movekd's own evaluation of the merged weights (the export folder, through movekd eval's data path)
+    # movekd's own answers with the merged weights: a MoveKDVLM whose student holds them, and the
+    # export folder run through movekd's data path
+    from movekd.export import expert_usage, merge_weights, merged_student
+    from movekd.export.hf_llava import calibration_batches
+    from movekd.inference import LoadedVLM, answer
+
     samples = json.loads(Path(data).read_text())
     images = sorted({str(Path(data).parent / s["image"]) for s in samples})[:4]
-    loaded = load_trained(out)
-    from movekd.inference import answer
-
-    ours = [answer(loaded, image, "what color is the shape?", max_new_tokens=3) for image in images]
+    loaded = load_trained(path)
+    student = loaded.vlm.vision
+    usage = expert_usage(student, calibration_batches(data, 32)) if merge == "usage" else None
+    plain = merged_student(student, merge_weights(student, merge, usage))
+    merged = LoadedVLM(MoveKDVLM(plain, loaded.vlm.projector, loaded.vlm.llm), loaded.tokenizer, loaded.config)
+    ours = [answer(merged, image, "what color is the shape?", max_new_tokens=3) for image in images]
+    assert [answer(load_trained(out), image, "what color is the shape?", max_new_tokens=3) for image in images] == ours
     script = tmp_path / "stock.py"
     script.write_text(STOCK_SCRIPT)
     proc = _stock_python(script, str(out), *images)
