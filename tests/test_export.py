@@ -254,3 +254,28 @@ def test_export_refuses_unmappable_projector(bundle, tmp_path, capsys):
     assert "pool2_mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(["export", str(path), str(tmp_path / "u"), "--merge", "usage"]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["stretch", "square", "pad"])
+def test_exported_image_processor_reproduces_movekd_preprocessing(mode):
+    """Non-square image, decoded at the student's size: the stock processor gives the student's input."""
+    import numpy as np
+    from PIL import Image
+
+    from movekd.data import fill_colour
+    from movekd.data.images import prepare_image
+    from movekd.export.processor import image_processor_for
+    from movekd.teachers.base import IMAGENET_MEAN, IMAGENET_STD
+    from movekd.teachers.preprocess import preprocess_images
+
+    spec = {"image_size": 28, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 44, 3), dtype=np.uint8))
+    fill = fill_colour(IMAGENET_MEAN)
+    ours = preprocess_images(prepare_image(image, mode, fill, 28)[None], image_size=28, mean=IMAGENET_MEAN,
+                             std=IMAGENET_STD)
+    processor = image_processor_for(spec, decode_size=28, aspect_ratio=mode)
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert theirs.shape == ours.shape == (1, 3, 28, 28)
+    # stretch: movekd resizes with PIL, the processor with torchvision (measured: at most one grey level)
+    tolerance = 1.01 / (255 * min(IMAGENET_STD)) if mode == "stretch" else 1e-6
+    assert (theirs - ours).abs().max() < tolerance

@@ -55,7 +55,8 @@ class ExportResult:
 
 
 def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 256, batch_size: int = 16,
-                        image_root: str | Path | None = None) -> list[torch.Tensor]:
+                        image_root: str | Path | None = None, image_aspect_ratio: str = "stretch",
+                        fill: tuple[int, int, int] = (0, 0, 0)) -> list[torch.Tensor]:
     """The distinct images of a LLaVA JSON (a path or ``asset:easyvqa/test.json``), decoded as movekd
     decodes them, in uint8 batches."""
     from movekd.data import load_llava_json, read_image
@@ -73,7 +74,7 @@ def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 
         file = resolve_image(sample, root)
         if not file.is_file():
             raise FileNotFoundError(f"{data}: image not found: {file}")
-        images.append(read_image(file, image_size))
+        images.append(read_image(file, image_size, image_aspect_ratio, fill))
         if len(images) >= max_images:
             break
     if not images:
@@ -214,7 +215,8 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
     vlm, config = loaded.vlm, loaded.config
     _check_mappable(vlm)
     student = vlm.vision
-    batches = calibration_batches(calib, config.decode_size, max_images=calib_images) if calib else None
+    batches = calibration_batches(calib, config.decode_size, max_images=calib_images,
+                                  image_aspect_ratio=config.image_aspect_ratio, fill=loaded.fill) if calib else None
 
     cost: dict = {}
     usage = None
