@@ -24,6 +24,7 @@ from movekd.data import (
     load_llava_json,
     pad_sequences,
     read_image,
+    scan_llava,
 )
 
 CONV2 = [
@@ -164,14 +165,21 @@ def test_invalid_samples_named(tmp_path):
         {"conversations": [{"from": "robot", "value": "q"}]},
         {"id": "tags", "conversations": [{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}]},
     ]
+    path = write_json(tmp_path / "d.json", samples)
     with pytest.raises(LlavaFormatError) as info:
-        load_llava_json(write_json(tmp_path / "d.json", samples))
+        load_llava_json(path, strict=True)
     msg = str(info.value)
     assert "4 invalid sample(s)" in msg and "d.json" in msg
-    assert 'sample 1 (id=no-conv): missing "conversations"' in msg
-    assert "sample 2 (id=roles)" in msg and 'expected "from": "human"' in msg
-    assert "sample 3 (id=#3)" in msg and "unknown role" in msg
-    assert "sample 4 (id=tags)" in msg and "no \"image\" field" in msg
+    assert 'sample 1 (id=no-conv): missing_conversations: missing "conversations"' in msg
+    assert "sample 2 (id=roles): role_order" in msg and 'expected "from": "human"' in msg
+    assert "sample 3 (id=#3): unknown_role" in msg
+    assert "sample 4 (id=tags): image_tag_mismatch" in msg and "no \"image\" field" in msg
+    # by default the bad samples are dropped and counted, by kind
+    assert load_llava_json(path) == [ok]
+    scan = scan_llava(path)
+    assert scan.total == 5 and scan.samples == [ok] and scan.text_only == 1
+    assert scan.by_kind() == {"missing_conversations": 1, "role_order": 1, "unknown_role": 1, "image_tag_mismatch": 1}
+    assert "4 skipped" in scan.summary() and "role_order 1 (e.g. roles)" in scan.summary()
     assert load_llava_json(write_json(tmp_path / "ok.json", [ok])) == [ok]
     (tmp_path / "ok.jsonl").write_text(json.dumps(ok) + "\n\n" + json.dumps(ok) + "\n")
     assert load_llava_json(tmp_path / "ok.jsonl") == [ok, ok]

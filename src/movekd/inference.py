@@ -107,10 +107,15 @@ def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tok
     """Greedy answer to one question about one image."""
     from movekd.data import ConversationEncoder, read_image
 
+    from movekd.errors import ImageError
+
     image_path = Path(image_path)
     if not image_path.is_file():
         raise FileNotFoundError(f"image not found: {image_path}")
-    image = read_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
+    try:
+        image = read_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files, ...
+        raise ImageError(f"cannot read image {image_path}: {type(error).__name__}: {error}") from error
     encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt,
                                   bos=loaded.bos)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)

@@ -28,6 +28,14 @@ from movekd.assets.easyvqa import build_easyvqa
 from movekd.assets.efficientnet_lite import build_efficientnet_lite, load_efficientnet_lite
 from movekd.assets.packages import MissingPackageError
 from movekd.assets.smollm2 import build_smollm2
+from movekd.errors import UserError
+
+
+class UnknownAssetError(UserError, KeyError):
+    """``asset:NAME`` with a NAME that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ ASSETS: dict[str, Asset] = {
 
 def _asset(name: str) -> Asset:
     if name not in ASSETS:
-        raise KeyError(f"unknown asset '{name}'; known assets: {', '.join(ASSETS)}")
+        raise UnknownAssetError(f"unknown asset '{name}'; known assets: {', '.join(ASSETS)}")
     return ASSETS[name]
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from movekd.errors import UserError
 
-class MissingPackageError(RuntimeError):
+
+class MissingPackageError(UserError, RuntimeError):
     """A package that carries weights or data is not installed."""
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="ask a trained VLM a question about an image",
@@ -22,12 +20,8 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from movekd.inference import answer, load_trained
 
-    try:
-        loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
-        if args.image_aspect_ratio:
-            loaded.image_aspect_ratio = args.image_aspect_ratio
-        print(answer(loaded, args.image, args.question, args.max_new_tokens))
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
+    if args.image_aspect_ratio:
+        loaded.image_aspect_ratio = args.image_aspect_ratio
+    print(answer(loaded, args.image, args.question, args.max_new_tokens))
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from movekd.atomic import atomic_write_text
 
@@ -37,11 +36,7 @@ def _run(args) -> int:
     from movekd.train.config import EvalConfig
     from movekd.train.evaluate import run_eval
 
-    try:
-        loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,
                         image_aspect_ratio=args.image_aspect_ratio)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def register(subparsers) -> None:
@@ -21,18 +20,19 @@ def register(subparsers) -> None:
                         "FLOPs of one training step (no weights, no data)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse data files with any bad sample (sets strict: true on every stage); by "
+                        "default bad samples are skipped and counted, up to max_skip_ratio")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from movekd.config.loader import ConfigError
     from movekd.train.config import load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides)
+    if args.strict:
+        overrides += [f"stages.{i}.strict=true" for i in range(len(load_config(args.config, overrides).stages))]
+    config = load_config(args.config, overrides)
     if args.dry_run:
         from movekd.train.dry_run import dry_run, format_dry_run
 
@@ -43,7 +43,12 @@ def _run(args) -> int:
 
     result = train(config, resume=args.resume, show_progress=not args.no_progress)
     for stage in result.stages:
+        skipped = ""
+        if stage.skipped_samples:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(stage.skipped_by_reason.items()))
+            skipped = f", {stage.skipped_samples} samples skipped ({kinds})"
         print(f"stage {stage.name}: {stage.steps} steps in {stage.seconds / 60:.1f} min, "
-              f"loss {stage.first.get('loss', float('nan')):.3f} → {stage.last.get('loss', float('nan')):.3f}")
+              f"loss {stage.first.get('loss', float('nan')):.3f} → {stage.last.get('loss', float('nan')):.3f}"
+              f"{skipped}")
     print(f"inference bundle: {result.final_dir}")
     return 0

@@ -16,8 +16,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from movekd.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message names the dotted key."""
 
 

@@ -3,12 +3,15 @@
 from movekd.data.collate import Collator, SkipCounter, pad_sequences, pad_token_id_of
 from movekd.data.images import IMAGE_ASPECT_RATIOS, expand2square, fill_colour, prepare_image
 from movekd.data.llava_json import (
+    DataScan,
     LlavaDataset,
     LlavaFormatError,
     Skipped,
     check_images,
+    check_skip_budget,
     load_llava_json,
     read_image,
+    scan_llava,
     validate_samples,
 )
 from movekd.data.templates import (
@@ -24,7 +27,7 @@ from movekd.data.templates import (
 __all__ = [
     "IGNORE_INDEX", "IMAGE_ASPECT_RATIOS", "IMAGE_TAG", "IMAGE_TOKEN_INDEX",
     "Collator", "ConversationEncoder", "Encoded", "EncodingError", "LlavaDataset", "LlavaFormatError",
-    "SkipCounter", "Skipped",
-    "check_images", "expand2square", "fill_colour", "get_template", "load_llava_json", "pad_sequences",
-    "pad_token_id_of", "prepare_image", "read_image", "validate_samples",
+    "DataScan", "SkipCounter", "Skipped",
+    "check_images", "check_skip_budget", "expand2square", "fill_colour", "get_template", "load_llava_json",
+    "pad_sequences", "pad_token_id_of", "prepare_image", "read_image", "scan_llava", "validate_samples",
 ]

@@ -7,16 +7,20 @@ accepted, one sample per line)::
       "conversations": [{"from": "human", "value": "<image>\\nWhat shape?"},
                         {"from": "gpt", "value": "circle"}, ...]}]
 
-Structural problems (bad JSON, missing ``conversations``, wrong roles, a stray ``<image>`` tag) are
-data bugs and raise :class:`LlavaFormatError` when the file is loaded, naming the file, the position
-or the sample index and id. Every bad sample is listed (up to 5) with the total count.
+A file that is not JSON (or not a list) raises :class:`LlavaFormatError` naming the file, line and
+column. A bad *sample* is not an error: at LLaVA scale (665K records from five image folders) a few
+always are. :func:`scan_llava` opens the file and checks every record before any model is built:
+structure (missing or empty ``conversations``, wrong role order, more ``<image>`` tags than images,
+...) and, given the image folder, that each image file exists. Bad samples are dropped and counted
+by kind (:data:`PROBLEM_KINDS`), with the first ids of each kind in :meth:`DataScan.summary`.
+``strict`` refuses the file and lists them instead.
 
-Missing or corrupt image files are *not* errors: one bad file among 600k must not kill an epoch.
-Chosen policy: ``LlavaDataset.__getitem__`` returns a :class:`Skipped` marker for such a sample (and
-for one that cannot be encoded, e.g. too long); the collator drops it and reports it in the batch
-(``batch["skipped"]``), so the count survives DataLoader worker processes; :class:`SkipCounter`
-(main process) adds the counts up and logs them. Optionally, :func:`check_images` filters the
-samples up front (existence, or a full decode) and returns what it dropped.
+What the scan cannot see, a corrupt image or a conversation that ``max_length`` cuts too short, is
+met when the sample is read: ``LlavaDataset.__getitem__`` returns a :class:`Skipped` marker; the
+collator drops it and reports it in the batch (``batch["skipped"]``), so the count survives
+DataLoader worker processes; :class:`SkipCounter` (main process) adds the counts up.
+:func:`check_skip_budget` stops a run when more than ``max_skip_ratio`` of the data is bad.
+Optionally, :func:`check_images` filters the samples up front with a full decode.
 
 Images are decoded with PIL in the worker, converted to RGB, brought to a fixed square
 ``image_size`` by ``image_aspect_ratio`` (stretch, LLaVA's centre crop ``square`` or mean-colour
@@ -29,7 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,34 +43,46 @@ from torch.utils.data import Dataset
 from movekd.data import shared_prefix
 from movekd.data.images import IMAGE_ASPECT_RATIOS, prepare_image
 from movekd.data.templates import IMAGE_TAG, ROLE_MAP, ConversationEncoder, EncodingError
+from movekd.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _SHOWN_ERRORS = 5
 
 
-class LlavaFormatError(ValueError):
+class LlavaFormatError(DataError):
     """A LLaVA JSON file or sample with the wrong structure."""
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """Marker returned by :class:`LlavaDataset` for a sample that cannot be used this time."""
+    """Marker for a sample that cannot be used: dropped by the scan, or returned by
+    :class:`LlavaDataset` in place of the item. ``reason`` is one of :data:`PROBLEM_KINDS` or an
+    :class:`EncodingError` kind."""
 
     index: int
     id: str
-    reason: str  # "missing_image" | "bad_image" | "encoding"
+    reason: str
     detail: str = ""
 
 
-# ------------------------------------------------------------------------------------------ loading
-def load_llava_json(path: str | os.PathLike, *, require_answer: bool = True) -> list[dict]:
-    """Read and validate a LLaVA-format ``.json`` (a list) or ``.jsonl`` file.
+# Kinds of per-sample problems the scan finds (``_sample_problem``) and the dataset meets later.
+PROBLEM_KINDS = ("not_an_object", "missing_conversations", "empty_conversations", "bad_turn", "unknown_role",
+                 "role_order", "no_question", "no_answer", "image_tag_mismatch", "bad_image_field",
+                 "missing_image", "bad_image")
 
-    Raises :class:`LlavaFormatError` on malformed JSON (with file, line, column) or bad samples.
-    """
+
+# ------------------------------------------------------------------------------------------ loading
+def read_llava_file(path: str | os.PathLike) -> list:
+    """The raw records of a ``.json`` (a list) or ``.jsonl`` file; :class:`LlavaFormatError` naming the file,
+    line and column when the file is not JSON, or not a list."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}" if not path.exists() else f"data path is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LlavaFormatError(f"{path}: not UTF-8 text (byte {err.start}): is it a JSON file?") from None
     if path.suffix == ".jsonl":
         samples = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -75,72 +92,196 @@ def load_llava_json(path: str | os.PathLike, *, require_answer: bool = True) -> 
                 except json.JSONDecodeError as err:
                     raise LlavaFormatError(
                         f"{path}: invalid JSON at line {lineno} column {err.colno}: {err.msg}") from None
-    else:
-        try:
-            samples = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LlavaFormatError(
-                f"{path}: invalid JSON at line {err.lineno} column {err.colno} (char {err.pos}): {err.msg}"
-            ) from None
-        if not isinstance(samples, list):
-            raise LlavaFormatError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
-    validate_samples(samples, source=str(path), require_answer=require_answer)
+                except RecursionError:
+                    raise LlavaFormatError(f"{path}: line {lineno} is nested too deeply to be a sample") from None
+        return samples
+    try:
+        samples = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LlavaFormatError(
+            f"{path}: invalid JSON at line {err.lineno} column {err.colno} (char {err.pos}): {err.msg}") from None
+    except RecursionError:
+        raise LlavaFormatError(f"{path}: nested too deeply to be a list of samples") from None
+    if not isinstance(samples, list):
+        raise LlavaFormatError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
     return samples
+
+
+def load_llava_json(path: str | os.PathLike, *, require_answer: bool = True, strict: bool = False,
+                    image_root: str | os.PathLike | None = None) -> list[dict]:
+    """Read a LLaVA-format ``.json`` (a list) or ``.jsonl`` file; return its usable samples.
+
+    Malformed JSON raises :class:`LlavaFormatError` (file, line, column). Bad samples (see
+    :func:`scan_llava`) are dropped and logged with their count per kind, or, with ``strict``, raise
+    :class:`LlavaFormatError` listing them. ``image_root`` given: samples whose image file does not
+    exist are problems too.
+    """
+    scan = scan_llava(path, image_root=image_root, require_answer=require_answer)
+    if strict and scan.problems:
+        raise LlavaFormatError(scan.describe_problems())
+    scan.log()
+    return scan.samples
 
 
 def sample_id(sample, index: int) -> str:
     return str(sample.get("id", f"#{index}")) if isinstance(sample, dict) else f"#{index}"
 
 
-def _sample_problem(sample, require_answer: bool) -> str | None:
-    """The first structural problem of one sample, or None."""
+def _sample_problem(sample, require_answer: bool) -> tuple[str, str] | None:
+    """The first structural problem of one sample as ``(kind, detail)``, or None."""
     if not isinstance(sample, dict):
-        return f"expected an object, got {type(sample).__name__}"
+        return "not_an_object", f"expected an object, got {type(sample).__name__}"
     conv = sample.get("conversations")
     if conv is None:
-        return 'missing "conversations"'
+        return "missing_conversations", 'missing "conversations"'
     if not isinstance(conv, list) or not conv:
-        return '"conversations" must be a non-empty list'
+        return "empty_conversations", '"conversations" must be a non-empty list'
     expected = "user"
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            return f'turn {t}: expected {{"from": ..., "value": str}}'
-        role = ROLE_MAP.get(turn.get("from"))
+            return "bad_turn", f'turn {t}: expected {{"from": ..., "value": str}}'
+        role = ROLE_MAP.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
-            return f'turn {t}: unknown role "from": {turn.get("from")!r} (expected human, gpt or system)'
+            return "unknown_role", f'turn {t}: unknown role "from": {turn.get("from")!r} (expected human, gpt or system)'
         if role == "system":
             if t != 0:
-                return f"turn {t}: a system turn is only allowed first"
+                return "role_order", f"turn {t}: a system turn is only allowed first"
             continue
         if role != expected:
             want = "human" if expected == "user" else "gpt"
-            return f'turn {t}: expected "from": "{want}", got {turn["from"]!r} (turns must alternate human, gpt)'
+            return "role_order", f'turn {t}: expected "from": "{want}", got {turn["from"]!r} (turns must alternate human, gpt)'
         expected = "assistant" if role == "user" else "user"
+    if not any(ROLE_MAP[turn["from"]] == "user" for turn in conv):
+        return "no_question", "no human turn"
     if require_answer and not any(ROLE_MAP[turn["from"]] == "assistant" for turn in conv):
-        return "no gpt turn (nothing to learn from)"
+        return "no_answer", "no gpt turn (nothing to learn from)"
     tags = sum(turn["value"].count(IMAGE_TAG) for turn in conv)
     image = sample.get("image")
     if image is None:
         if tags:
-            return f'{tags} "<image>" tag(s) but no "image" field'
-    elif not isinstance(image, str):
-        return '"image" must be a single path (multi-image samples are not supported)'
+            return "image_tag_mismatch", f'{tags} "<image>" tag(s) but no "image" field'
+    elif not isinstance(image, str) or not image:
+        return "bad_image_field", '"image" must be a single path (multi-image samples are not supported)'
     elif tags > 1:
-        return f'{tags} "<image>" tags for one image'
+        return "image_tag_mismatch", f'{tags} "<image>" tags for one image'
     return None
+
+
+@dataclass
+class DataScan:
+    """What :func:`scan_llava` found in one data file: its usable samples and its problems."""
+
+    source: str
+    samples: list[dict]  # the usable samples, in file order
+    total: int  # records in the file
+    problems: list[Skipped] = field(default_factory=list)
+
+    @property
+    def with_image(self) -> int:
+        return sum(1 for s in self.samples if s.get("image") is not None)
+
+    @property
+    def text_only(self) -> int:
+        return len(self.samples) - self.with_image
+
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(p.reason for p in self.problems))
+
+    def examples(self, per_kind: int = 3) -> dict[str, list[str]]:
+        """The first ``per_kind`` sample ids of each kind of problem."""
+        shown: dict[str, list[str]] = {}
+        for p in self.problems:
+            ids = shown.setdefault(p.reason, [])
+            if len(ids) < per_kind:
+                ids.append(p.id)
+        return shown
+
+    def summary(self) -> str:
+        """One line: samples, images, text-only samples, problems by kind (first ids)."""
+        line = (f"{self.source}: {self.total} samples, {len(self.samples)} usable ({self.with_image} with an image, "
+                f"{self.text_only} text-only)")
+        if not self.problems:
+            return line + ", no problems"
+        examples = self.examples()
+        kinds = "; ".join(f"{kind} {n} (e.g. {', '.join(examples[kind])})" for kind, n in sorted(self.by_kind().items()))
+        return f"{line}; {len(self.problems)} skipped: {kinds}"
+
+    def describe_problems(self, limit: int = _SHOWN_ERRORS) -> str:
+        """A short list for an error message: the count, then the first ``limit`` problems."""
+        lines = [f"sample {p.index} (id={p.id}): {p.reason}: {p.detail}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more ({_counts(self.by_kind())})")
+        return f"{self.source}: {len(self.problems)} invalid sample(s):\n  " + "\n  ".join(lines)
+
+    def log(self) -> None:
+        if self.problems:
+            logger.warning("%s", self.summary())
+        else:
+            logger.info("%s", self.summary())
+
+
+def _counts(by_kind: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(by_kind.items()))
+
+
+def scan_samples(samples: list, *, source: str = "<samples>", require_answer: bool = True,
+                 image_root: str | os.PathLike | None = None) -> DataScan:
+    """Check every record's structure (and, with ``image_root``, that its image file exists).
+
+    Never raises for a bad record: it becomes a :class:`Skipped` in ``problems``. Image existence is
+    checked once per distinct path (LLaVA data repeats images across samples).
+    """
+    kept, problems = [], []
+    exists: dict[str, bool] = {}
+    for i, s in enumerate(samples):
+        problem = _sample_problem(s, require_answer)
+        if problem is None and image_root is not None and s.get("image") is not None:
+            path = resolve_image(s, image_root)
+            key = str(path)
+            if key not in exists:
+                exists[key] = path.is_file()
+            if not exists[key]:
+                problem = ("missing_image", key)
+        if problem is None:
+            kept.append(s)
+        else:
+            problems.append(Skipped(i, sample_id(s, i), *problem))
+    return DataScan(source, kept, len(samples), problems)
+
+
+def scan_llava(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+               require_answer: bool = True) -> DataScan:
+    """Open ``path`` and check every record (structure; image files exist when ``image_root`` is given).
+
+    Raises :class:`DataError` / :class:`LlavaFormatError` only for the file as a whole (missing, not
+    JSON, not a list); per-sample problems are returned in the scan.
+    """
+    return scan_samples(read_llava_file(path), source=str(path), require_answer=require_answer,
+                        image_root=image_root)
+
+
+def check_skip_budget(skipped: dict[str, int], *, source: str, total: int, drawn: int, max_skip_ratio: float,
+                      strict: bool) -> None:
+    """Stop when too much of the data is bad: ``strict`` refuses any skip; otherwise more than
+    ``max_skip_ratio`` of the samples (the file, or as many as were drawn, whichever is larger).
+
+    ``skipped``: counts per kind (scan problems plus samples skipped while training)."""
+    count = sum(skipped.values())
+    if strict and count:
+        raise DataError(f"{source}: {count} bad sample(s) ({_counts(skipped)}) and the stage is strict; "
+                        "fix them or drop strict to skip and count them")
+    budget = max_skip_ratio * max(total, drawn)
+    if count > budget:
+        raise DataError(f"{source}: {count} of {max(total, drawn)} samples skipped ({_counts(skipped)}), more than "
+                        f"max_skip_ratio={max_skip_ratio:g}: the data or image_root is probably wrong (raise "
+                        "max_skip_ratio to accept it)")
 
 
 def validate_samples(samples: list, *, source: str = "<samples>", require_answer: bool = True) -> None:
     """Raise :class:`LlavaFormatError` listing the bad samples (index and id) of a loaded list."""
-    problems = []
-    for i, s in enumerate(samples):
-        problem = _sample_problem(s, require_answer)
-        if problem is not None:
-            problems.append(f"sample {i} (id={sample_id(s, i)}): {problem}")
-    if problems:
-        shown = "\n  ".join(problems[:_SHOWN_ERRORS])
-        more = f"\n  ... and {len(problems) - _SHOWN_ERRORS} more" if len(problems) > _SHOWN_ERRORS else ""
-        raise LlavaFormatError(f"{source}: {len(problems)} invalid sample(s):\n  {shown}{more}")
+    scan = scan_samples(samples, source=source, require_answer=require_answer)
+    if scan.problems:
+        raise LlavaFormatError(scan.describe_problems())
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -274,7 +415,7 @@ class LlavaDataset(Dataset):
                 encode = self.encoder.encode_prompt if self.prompt_only else self.encoder.encode
                 enc = encode(sample["conversations"], has_image)
         except EncodingError as err:
-            return self._skip(index, sample, "encoding", str(err))
+            return self._skip(index, sample, err.kind, str(err))
         if has_image:
             path = resolve_image(sample, self.image_root)
             if not path.is_file():

@@ -63,7 +63,7 @@ def merge_shared_prefix(encodings: list[Encoded], *, max_length: int | None = No
     Raises :class:`EncodingError` if no prefix holds the image or not even one question fits.
     """
     if not encodings:
-        raise EncodingError("no question to group")
+        raise EncodingError("no question to group", "template")
     seqs = [e.input_ids for e in encodings]
     shortest = min(len(s) for s in seqs)
     common = 0
@@ -74,7 +74,7 @@ def merge_shared_prefix(encodings: list[Encoded], *, max_length: int | None = No
         if supervised.numel():
             common = min(common, int(supervised[0]) - 1)
     if common <= 0 or not bool((seqs[0][:common] == IMAGE_TOKEN_INDEX).any()):
-        raise EncodingError("the questions of this image share no prefix holding the <image> placeholder")
+        raise EncodingError("the questions of this image share no prefix holding the <image> placeholder", "template")
     prefix_ids = seqs[0][:common]
     ids, labels, segments = [prefix_ids], [encodings[0].labels[:common]], [torch.zeros(common, dtype=torch.long)]
     length = expanded_length(prefix_ids, num_image_tokens)
@@ -89,5 +89,5 @@ def merge_shared_prefix(encodings: list[Encoded], *, max_length: int | None = No
         labels.append(e.labels[common:])
         segments.append(torch.full((len(suffix),), kept, dtype=torch.long))
     if not kept:
-        raise EncodingError(f"not one question fits in max_length={max_length} after the shared prefix")
+        raise EncodingError(f"not one question fits in max_length={max_length} after the shared prefix", "too_long")
     return Encoded(torch.cat(ids), torch.cat(labels)), torch.cat(segments), kept

@@ -65,7 +65,15 @@ def expanded_length(ids, num_image_tokens: int) -> int:
 
 
 class EncodingError(ValueError):
-    """A conversation that cannot be encoded (too long, template mismatch, nothing to supervise)."""
+    """A conversation that cannot be encoded (too long, template mismatch, nothing to supervise).
+
+    ``kind`` is the reason a skipped sample is counted under: ``too_long`` (the cut would remove the
+    image or the question), ``answer_truncated`` (``max_length`` cut away every answer token),
+    ``empty_answer``, ``template`` (the sample does not fit the conversation template)."""
+
+    def __init__(self, message: str, kind: str = "encoding"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -140,7 +148,8 @@ class PlainTemplate(ConversationTemplate):
     def prepare(self, messages: list[dict]) -> list[dict]:
         msgs = [m for m in messages if m["role"] != "system"]
         if len(msgs) not in (1, 2) or msgs[0]["role"] != "user" or (len(msgs) == 2 and msgs[1]["role"] != "assistant"):
-            raise EncodingError("the plain template needs exactly one human turn then one gpt turn (a caption)")
+            raise EncodingError("the plain template needs exactly one human turn then one gpt turn (a caption)",
+                                "template")
         # Keep only the image tag of the human turn (LLaVA: source[0]['value'] = DEFAULT_IMAGE_TOKEN).
         user = {"role": "user", "content": IMAGE_TAG if IMAGE_TAG in msgs[0]["content"] else ""}
         return [user] + msgs[1:]
@@ -232,9 +241,13 @@ class ConversationEncoder:
         for k, (start, end) in enumerate(offsets):
             if ids[k] != IMAGE_TOKEN_INDEX and any(start < e and end > s for s, e in spans):
                 labels[k] = ids[k]
+        had_answer = any(label != IGNORE_INDEX for label in labels)
         ids, labels = self._truncate(ids, labels)
         if all(label == IGNORE_INDEX for label in labels):
-            raise EncodingError("no supervised token (empty answers?)")
+            if had_answer:
+                raise EncodingError(f"max_length={self.max_length} cuts away every answer token: no supervised "
+                                    "token left", "answer_truncated")
+            raise EncodingError("no supervised token (empty answers?)", "empty_answer")
         return Encoded(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
 
     def encode_prompt(self, conversations: list[dict], has_image: bool) -> Encoded:
@@ -248,7 +261,7 @@ class ConversationEncoder:
         text = self.template.render(messages, add_generation_prompt=True)  # plain ignores the flag
         ids, _ = self._tokenize(text)
         if self.max_length is not None and self._expanded_len(ids) > self.max_length:
-            raise EncodingError(f"prompt longer than max_length={self.max_length}")
+            raise EncodingError(f"prompt longer than max_length={self.max_length}", "too_long")
         return Encoded(torch.tensor(ids, dtype=torch.long), None)
 
     # Internals -----------------------------------------------------------------------------------
@@ -275,7 +288,7 @@ class ConversationEncoder:
             before = self.template.render(messages[:i], add_generation_prompt=True)
             upto = self.template.render(messages[: i + 1])
             if not upto.startswith(before) or not full.startswith(upto):
-                raise EncodingError("the conversation template is not prefix-stable for this sample")
+                raise EncodingError("the conversation template is not prefix-stable for this sample", "template")
             end = len(before) + len(upto[len(before):].rstrip())
             spans.append((len(before), end))
         return full, spans
@@ -308,7 +321,7 @@ class ConversationEncoder:
                 break
             cut += 1
         if any(t == IMAGE_TOKEN_INDEX for t in ids[cut:]):
-            raise EncodingError(f"max_length={self.max_length} would cut an image placeholder")
+            raise EncodingError(f"max_length={self.max_length} would cut an image placeholder", "too_long")
         return ids[:cut], labels[:cut]
 
     def _probe(self):

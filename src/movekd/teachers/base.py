@@ -26,6 +26,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from movekd.errors import UserError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,11 +38,11 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A teacher (or student) spec is invalid; the message names the bad key."""
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(UserError, RuntimeError):
     """A teacher's weights (or architecture) could not be loaded; the message says how to fix it."""
 
 

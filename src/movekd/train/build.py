@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from movekd.config.loader import ConfigError
+from movekd.errors import UserError
 from movekd.train.config import StageConfig, TrainConfig
 from movekd.train.groups import format_table, parameter_table
 from movekd.train.kd_model import MoveKDModel
@@ -22,6 +24,10 @@ from movekd.train.teacher_cache import TeacherCache
 log = logging.getLogger(__name__)
 
 ASSET_PREFIX = "asset:"
+
+
+class ModelLoadError(UserError, OSError):
+    """The LLM named in the config could not be loaded (missing folder, no weights, offline hub id)."""
 
 
 def resolve_path(ref: str) -> Path:
@@ -54,7 +60,7 @@ def load_llm(config: TrainConfig, device):
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                    attn_implementation=config.model.llm_attn_implementation)
     except OSError as error:
-        raise OSError(f"could not load the LLM '{ref}': {error}. Offline, point model.llm at a local folder "
+        raise ModelLoadError(f"could not load the LLM '{ref}': {error}. Offline, point model.llm at a local folder "
                       "(config.json + safetensors + tokenizer) or use asset:smollm2") from error
     return llm.to(device), tokenizer
 
@@ -133,7 +139,7 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
         teachers.append(teacher)
         adapters.append(None if k == 0 else _adapter_for(config, teacher, student.hidden_size, grid, device))
     if teachers and (kd.token_weight or kd.teacher_weight) and not teachers[0].spec.provides_cls_attention:
-        raise ValueError(f"teacher 0 ('{teachers[0].name}') plays the CLIP role: token and teacher weights "
+        raise ConfigError(f"teacher 0 ('{teachers[0].name}') plays the CLIP role: token and teacher weights "
                          "(Eq. 3, 4) need its [CLS] attention; set provides_cls_attention: true on it, or "
                          "turn kd.token_weight and kd.teacher_weight off")
     cache = TeacherCache() if config.teacher_cache and not meta else None
@@ -179,17 +185,20 @@ class StageDataset(torch.utils.data.Dataset):
         return self.inner.modality_lengths()
 
 
-def stage_dataset(system: System, config: TrainConfig, stage: StageConfig) -> StageDataset:
+def stage_dataset(system: System, config: TrainConfig, stage: StageConfig,
+                  samples: list[dict] | None = None) -> StageDataset:
+    """``samples``: the stage's usable samples when already scanned (``train.data_check``)."""
     from movekd.data import ConversationEncoder, LlavaDataset, fill_colour, load_llava_json
 
     path = resolve_path(stage.data)
-    samples = load_llava_json(path)
+    root = resolve_path(stage.image_root) if stage.image_root else path.parent
+    if samples is None:
+        samples = load_llava_json(path, image_root=root)
     if stage.max_samples is not None and stage.max_samples < len(samples):
         samples = random.Random(config.seed).sample(samples, stage.max_samples)
     encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
                                   num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt,
                                   bos=stage.bos)
-    root = resolve_path(stage.image_root) if stage.image_root else path.parent
     return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size,
                                      group_by_image=stage.group_by_image,
                                      max_questions_per_image=stage.max_questions_per_image,

@@ -7,14 +7,19 @@ A checkpoint folder holds
 - ``optimizer.pt`` / ``scheduler.pt``: their state dicts (tensors, numbers and lists only, so they load
   with ``torch.load(weights_only=True)``);
 - ``trainer_state.json``: stage, step, data position, RNG states, and metrics so far;
-- ``config.json``: the full training config.
-It is written into a temporary sibling folder and renamed into place, so a crash mid-write leaves the
-previous checkpoint intact.
+- ``config.json``: the full training config;
+- ``COMPLETE``: written last, after every file is flushed to disk.
+It is written into a temporary sibling folder (``.NAME.building.*``) and renamed into place, so a
+crash or a SIGKILL mid-write leaves the previous checkpoint intact; :func:`latest_checkpoint` only
+considers folders with the ``COMPLETE`` marker and says which half-written ones it passed over.
+Weights that are not finite are never written (:class:`NonFiniteWeightsError`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -26,9 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from movekd.atomic import atomic_folder
+from movekd.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.json"
+COMPLETE = "COMPLETE"
 
 
 def dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -80,13 +89,40 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (usually a full disk); earlier checkpoints are intact."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Refused to write a checkpoint whose weights hold NaN or inf."""
+
+
+def non_finite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in weights.items() if t.is_floating_point() and t.device.type != "meta"
+            and not bool(torch.isfinite(t).all())]
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself, so COMPLETE never precedes the data."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None,
                     trainer_state: dict, config: dict) -> Path:
     folder = Path(folder)
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write checkpoint {folder}: {len(bad)} weight tensor(s) hold NaN or inf (first: "
+            f"{', '.join(bad[:3])}). The run diverged; resume from an earlier checkpoint with a lower learning "
+            "rate or precision=fp32")
     try:
         with atomic_folder(folder) as tmp:
             save_weights(tmp / WEIGHTS, weights)
@@ -96,6 +132,8 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / STATE).write_text(json.dumps({**trainer_state, "rng": rng_state()}, indent=1))
             (tmp / "config.json").write_text(json.dumps(config, indent=1))
+            _fsync_folder(tmp)
+            (tmp / COMPLETE).write_text("")
     except (OSError, RuntimeError) as err:
         # A full disk surfaces from torch.save as an opaque "unexpected pos ..." RuntimeError.
         free = shutil.disk_usage(folder.parent).free / 1e9 if folder.parent.exists() else float("nan")
@@ -118,15 +156,67 @@ def load_torch_state(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder that was fully written: the COMPLETE marker (or, for checkpoints written
+    before the marker existed, every file, config.json last) and not a temporary ``.NAME`` folder."""
+    folder = Path(folder)
+    if folder.name.startswith("."):
+        return False
+    if (folder / COMPLETE).is_file():
+        return True
+    return all((folder / name).is_file() for name in (WEIGHTS, STATE, "config.json"))
+
+
+def _order(folder: Path) -> tuple:
+    """Newest first by global step, then stage (a stage's end checkpoint follows its last step's)."""
+    state = json.loads((folder / STATE).read_text())
+    return state.get("global_step", 0), state.get("stage", 0), folder.name.startswith("stage-")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``run_dir/checkpoints``, oldest first; half-written ones are
+    logged and passed over (a run killed mid-write leaves one)."""
+    found = []
+    for folder in sorted((Path(run_dir) / "checkpoints").glob("*")):
+        if not folder.is_dir():
+            continue
+        if is_complete(folder):
+            try:
+                found.append((_order(folder), folder))
+                continue
+            except (OSError, ValueError):
+                pass
+        log.warning("passing over %s: a half-written checkpoint (the run was stopped while writing it)", folder)
+    return [folder for _, folder in sorted(found, key=lambda pair: pair[0])]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``run_dir/checkpoints`` (or ``run_dir`` itself)."""
     run_dir = Path(run_dir)
     if (run_dir / STATE).is_file():
+        if not is_complete(run_dir):
+            raise CheckpointError(f"{run_dir} is a half-written checkpoint; resume from its run folder instead")
         return run_dir
-    found = [p for p in (run_dir / "checkpoints").glob("*") if (p / STATE).is_file()]
-    if not found:
-        return None
-    return max(found, key=lambda p: json.loads((p / STATE).read_text()).get("global_step", 0))
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path, skip_prefixes: tuple[str, ...] = ("teachers.",)) -> None:
+    """Load a checkpoint's weights into ``model``; :class:`CheckpointError` listing what does not fit
+    (missing or unexpected keys, shapes) when the checkpoint was written for another config."""
+    state = load_weights(Path(folder) / WEIGHTS)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(skip_prefixes)]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("shape checkpoint vs model", shapes)) if items]
+        raise CheckpointError(f"checkpoint {folder} does not fit the model of this config: " + "; ".join(parts)
+                              + ". Resume with the config the checkpoint was written with (its config.json)")
+    model.load_state_dict(state, strict=False)
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: Iterable[Path] = ()) -> None:
@@ -134,8 +224,9 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Iterable[Path] = ()) ->
     if keep <= 0:
         return
     protected = {Path(p).resolve() for p in protect}
-    found = sorted((p for p in (Path(run_dir) / "checkpoints").glob("*") if (p / STATE).is_file()),
-                   key=lambda p: json.loads((p / STATE).read_text()).get("global_step", 0))
+    for stale in (Path(run_dir) / "checkpoints").glob(".*.building.*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    found = complete_checkpoints(run_dir)
     for old in found[:-keep]:
         if old.resolve() not in protected:
             shutil.rmtree(old, ignore_errors=True)

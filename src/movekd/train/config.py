@@ -149,6 +149,10 @@ class StageConfig:
     # LLaVA's LengthGroupedSampler with modality grouping (official stage 2): per-device batches of
     # only image or only text-only samples, grouped by length (movekd.train.sampler).
     group_by_modality_length: bool = False
+    # Bad samples (structure, missing or corrupt images, answers cut by max_length) are skipped and
+    # counted; strict refuses the file instead. More than max_skip_ratio of them stops the run.
+    strict: bool = False
+    max_skip_ratio: float = 0.01
 
     def __post_init__(self):
         unknown = [g for g in list(self.train) + list(self.lrs) if g not in GROUPS]
@@ -156,6 +160,8 @@ class StageConfig:
             raise ValueError(f"unknown parameter group '{unknown[0]}' (groups: {', '.join(GROUPS)})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.max_skip_ratio <= 1.0:
+            raise ValueError(f"max_skip_ratio must be in [0, 1], got {self.max_skip_ratio}")
 
 
 @dataclass

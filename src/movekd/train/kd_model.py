@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from movekd.errors import UserError
 from movekd.functional import balance_loss, kd_loss_per_teacher, teacher_weight, token_weight
 from movekd.mole import collect_router_probs
 from movekd.train.config import KDConfig
 from movekd.train.teacher_cache import CachedTeacher, TeacherCache
+
+
+class TeacherShapeError(UserError, ValueError):
+    """A teacher's output does not fit what the student or its adapter expects."""
 
 
 @dataclass
@@ -137,6 +142,21 @@ class MoveKDModel(nn.Module):
         losses.total = total
         return losses
 
+    def _check_adapter_input(self, k: int, tokens: Tensor, grid) -> None:
+        """Teacher k's tokens must have the channels (and, for a fixed-grid adapter, the token count)
+        its adapter was built for; otherwise name the teacher and both shapes instead of a matmul error."""
+        adapter = self.adapters[k]
+        channels = getattr(adapter, "teacher_channels", None)
+        fixed_tokens = getattr(adapter, "teacher_tokens", None)  # token_mix mixes a fixed number of tokens
+        if (channels is not None and tokens.shape[-1] != channels) or (
+                fixed_tokens is not None and tokens.shape[1] != fixed_tokens):
+            expected = (fixed_tokens if fixed_tokens is not None else "N", channels)
+            raise TeacherShapeError(
+                f"teacher '{self.teacher_names[k]}' gives tokens {tuple(tokens.shape[1:])} (grid {tuple(grid)}) but "
+                f"its adapter ({type(adapter).__name__}) was built for {expected} (grid "
+                f"{tuple(getattr(adapter, 'teacher_grid', ()))}): the teacher's spec (model, layer, image_size) "
+                "changed since the adapter was built or saved")
+
     def _kd(self, student_tokens: Tensor, images: Tensor, keys: list[str] | None):
         adapted, clip_cls, weight = [], None, None
         for k in range(len(self.teachers)):
@@ -144,7 +164,7 @@ class MoveKDModel(nn.Module):
             tokens = torch.stack([i.tokens for i in items])
             if k == 0:
                 if tokens.shape[1:] != student_tokens.shape[1:]:
-                    raise ValueError(
+                    raise TeacherShapeError(
                         f"CLIP-role teacher '{self.teacher_names[0]}' gives tokens {tuple(tokens.shape[1:])} but "
                         f"the student gives {tuple(student_tokens.shape[1:])}: teacher 0 must match the student's "
                         "grid and width (same architecture and input size)")
@@ -154,6 +174,7 @@ class MoveKDModel(nn.Module):
                     weight = torch.stack([i.token_weight for i in items])
                 adapted.append(tokens)
             else:
+                self._check_adapter_input(k, tokens, grid)
                 adapted.append(self.adapters[k](tokens.to(student_tokens.dtype), grid, self.student_grid))
         per_teacher = kd_loss_per_teacher(student_tokens, adapted, weight if self.kd.token_weight else None)
         if clip_cls is not None and (self.kd.teacher_weight or len(adapted) > 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,22 +21,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from movekd.atomic import atomic_write_text
-from movekd.data import Collator, SkipCounter
+from movekd.data import Collator, SkipCounter, check_skip_budget
+from movekd.errors import TrainingInterrupted, UserError
 from movekd.train import checkpoint as ckpt
 from movekd.train.build import System, build_system, stage_dataset
 from movekd.train.config import TrainConfig, config_dict
+from movekd.train.data_check import scan_stages
 from movekd.train.groups import set_trainable
-from movekd.train.metrics_log import MetricsLog
+from movekd.train.metrics_log import MetricsLog, truncate_metrics
 from movekd.train.optim import build_optimizer, build_scheduler
 from movekd.train.sampler import ModalityLengthGroupedBatchSampler, ResumableSampler
+from movekd.train.signals import StopRequest, ignore_stop_signals, stop_on_signals
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before giving up
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss stayed non-finite for MAX_BAD_STEPS steps: the run diverged (learning rate, precision)."""
 
 
 @dataclass
@@ -48,6 +52,7 @@ class StageResult:
     stopped_early: bool = False
     skipped_samples: int = 0
     bad_steps: int = 0
+    skipped_by_reason: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +82,16 @@ def _mean(records: list[dict]) -> dict:
     return {k: sum(r[k] for r in records if k in r) / sum(1 for r in records if k in r) for k in sorted(keys)}
 
 
+def _stop_checks(accelerator, stop: StopRequest, runtime_skips: int) -> tuple[bool, int]:
+    """(stop requested on any process, samples skipped at run time on all processes): one all-reduce
+    when several processes train, so that every rank takes the same decision at the same step."""
+    if accelerator.num_processes == 1:
+        return stop.requested, runtime_skips
+    flags = torch.tensor([int(stop.requested), runtime_skips], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0].item()), int(flags[1].item())
+
+
 def train(config: TrainConfig, *, resume: Path | None = None, show_progress: bool = True,
           system: System | None = None, accelerator=None, on_log: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None) -> TrainResult:
@@ -84,7 +99,15 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
 
     ``resume``: a checkpoint folder or a run folder (its newest checkpoint). ``stop_after_steps``
     stops after that many optimiser steps in all (a checkpoint is written first): for tests.
+    SIGTERM/SIGINT write a checkpoint at the next step boundary, then raise :class:`TrainingInterrupted`.
     """
+    with stop_on_signals() as stop:
+        return _train(config, resume=resume, show_progress=show_progress, system=system, accelerator=accelerator,
+                      on_log=on_log, stop_after_steps=stop_after_steps, stop=stop)
+
+
+def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, system: System | None, accelerator,
+           on_log: Callable[[dict], None] | None, stop_after_steps: int | None, stop: StopRequest) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -99,18 +122,17 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
             raise FileNotFoundError(f"no checkpoint found in {resume}")
         state.update(ckpt.load_trainer_state(resume_dir))
         log.info("resuming from %s (stage %d, step %d)", resume_dir, state["stage"], state["step"])
+    scans = scan_stages(config, first_stage=state["stage"])  # fail fast: the data before any model
     set_seed(config.seed)
     system = system or build_system(config, device=accelerator.device)
     model = system.model
     if resume_dir is not None:
-        missing, unexpected = model.load_state_dict(ckpt.load_weights(resume_dir / ckpt.WEIGHTS), strict=False)
-        missing = [k for k in missing if not k.startswith("teachers.")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {resume_dir} does not fit the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        ckpt.load_model_weights(model, resume_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(config_dict(config), indent=1))
+        if resume_dir is not None:  # steps logged after the checkpoint are run (and logged) again
+            truncate_metrics(run_dir, state["global_step"])
     metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
     results = [StageResult(**r) for r in state.pop("results", [])]
     start_time = time.perf_counter()
@@ -130,7 +152,8 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
                 log.info(line)
         lrs = {name: stage.lrs.get(name, stage.lr) for name in groups}
         optimizer = build_optimizer(groups, lrs, stage.weight_decay)
-        dataset = stage_dataset(system, config, stage)
+        scan = scans[stage_index]
+        dataset = stage_dataset(system, config, stage, samples=scan.samples)
         per_step = stage.batch_size * stage.grad_accum * accelerator.num_processes
         steps_per_epoch = max(1, len(dataset) // per_step)
         total = stage.max_steps or max(1, math.ceil(stage.epochs * len(dataset) / per_step))
@@ -146,6 +169,12 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
         prepared.train()
         skips = SkipCounter()
         skips.load_state_dict(state["skips"])
+        if fresh:  # the scan's problems count towards the stage's skips (and max_skip_ratio)
+            for problem in scan.problems:
+                skips.by_reason[problem.reason] += 1
+                skips.examples.setdefault(problem.reason, [])
+                if len(skips.examples[problem.reason]) < SkipCounter.EXAMPLES:
+                    skips.examples[problem.reason].append(problem.id)
         collate = Collator(system.pad_token_id, padding_side="right", image_size=system.image_size)
         stage_start = time.perf_counter()
         window: list[dict] = []
@@ -178,6 +207,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
                     state["position"], rank=accelerator.process_index, world=accelerator.num_processes)
                 loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                     num_workers=config.num_workers, persistent_workers=False,
+                                    worker_init_fn=ignore_stop_signals,
                                     generator=torch.Generator().manual_seed(config.seed))
             else:
                 sampler = ResumableSampler(len(dataset), config.seed + stage_index, state["epoch"],
@@ -185,6 +215,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
                                            world=accelerator.num_processes)
                 loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate,
                                     num_workers=config.num_workers, drop_last=True, persistent_workers=False,
+                                    worker_init_fn=ignore_stop_signals,
                                     generator=torch.Generator().manual_seed(config.seed))
             micro = 0
             for batch in loader:
@@ -245,12 +276,29 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
                     last = mean
                     entry = {"stage": stage.name, "step": state["step"], "global_step": state["global_step"],
                              "lr": scheduler.get_last_lr()[0], "elapsed": round(time.perf_counter() - stage_start, 2),
-                             "skipped": skips.total, **mean}
+                             "skipped": skips.total, **{f"skipped_{k}": n for k, n in sorted(skips.by_reason.items())},
+                             **mean}
                     metrics.write(entry)
                     if on_log:
                         on_log(entry)
                 out_of_time = stage.max_minutes is not None and (time.perf_counter() - stage_start) > 60 * stage.max_minutes
                 stop_now = stop_after_steps is not None and total_steps_done >= stop_after_steps
+                signalled, runtime_skips = _stop_checks(accelerator, stop, skips.total - len(scan.problems))
+                drawn = state["epoch"] * len(dataset) + state["position"]
+                check_skip_budget(skips.state_dict()["counts"] if accelerator.num_processes == 1
+                                  else {"all kinds, all processes": runtime_skips + len(scan.problems)},
+                                  source=scan.source, total=scan.total, drawn=drawn + len(scan.problems),
+                                  max_skip_ratio=stage.max_skip_ratio, strict=stage.strict)
+                if signalled:
+                    tag = f"step-{state['global_step']:07d}"
+                    save(tag)
+                    bar.close()
+                    metrics.close()
+                    name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
+                    raise TrainingInterrupted(
+                        f"stopped by {name} at stage {stage.name} step {state['step']}; checkpoint written to "
+                        f"{run_dir / 'checkpoints' / tag}. Continue exactly where it stopped with: movekd train "
+                        f"<the same config> --resume {run_dir}", stop.signum or signal.SIGTERM)
                 if config.save_every and state["step"] % config.save_every == 0 or stop_now:
                     save(f"step-{state['global_step']:07d}")
                 if stop_now:
@@ -272,7 +320,11 @@ def train(config: TrainConfig, *, resume: Path | None = None, show_progress: boo
         if stopped_early:
             log.info("stage %s stopped at its time limit after %d of %d steps", stage.name, state["step"], total)
         results.append(StageResult(stage.name, state["step"], round(time.perf_counter() - stage_start, 2),
-                                   first, last, stopped_early, skips.total, state["bad_steps"]))
+                                   first, last, stopped_early, skips.total, state["bad_steps"],
+                                   dict(skips.by_reason)))
+        if skips.total:
+            log.warning("stage %s: %d samples skipped (%s; first ids: %s)", stage.name, skips.total,
+                        dict(skips.by_reason), skips.examples)
         state.update(stage=stage_index + 1, step=0, epoch=0, position=0, skips={}, bad_steps=0)
         save(f"stage-{stage_index}-{stage.name}")
         accelerator.free_memory()

@@ -43,6 +43,25 @@ class MetricsLog:
                 self.writer.close()
 
 
+def truncate_metrics(run_dir: Path, global_step: int) -> None:
+    """Keep the records up to ``global_step`` (a resumed run logs the later ones again) and drop a
+    last line cut short by a kill, so a resumed run's ``metrics.jsonl`` equals an uninterrupted one's."""
+    from movekd.atomic import atomic_write_text
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if record.get("global_step", 0) <= global_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
