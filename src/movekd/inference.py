@@ -103,19 +103,27 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
     return LoadedVLM(vlm, load_tokenizer(bundle), vlm.config, precision)
 
 
-def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer to one question about one image."""
-    from movekd.data import ConversationEncoder, read_image
-
+def read_query_image(image_path: str | Path, size: int = 16, image_aspect_ratio: str = "stretch",
+                     fill: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+    """A user's image as ``uint8 [3, size, size]``; :class:`~movekd.errors.ImageError` naming the file
+    when it is missing or cannot be decoded (call it before loading a model to fail fast)."""
+    from movekd.data import read_image
     from movekd.errors import ImageError
 
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise FileNotFoundError(f"image not found: {image_path}")
+        raise ImageError(f"image not found: {image_path}")
     try:
-        image = read_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
+        return read_image(image_path, size, image_aspect_ratio, fill)
     except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files, ...
         raise ImageError(f"cannot read image {image_path}: {type(error).__name__}: {error}") from error
+
+
+def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer to one question about one image."""
+    from movekd.data import ConversationEncoder
+
+    image = read_query_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
     encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt,
                                   bos=loaded.bos)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)

@@ -18,8 +18,9 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from movekd.inference import answer, load_trained
+    from movekd.inference import answer, load_trained, read_query_image
 
+    read_query_image(args.image)  # a bad image fails before the model is loaded
     loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
     if args.image_aspect_ratio:
         loaded.image_aspect_ratio = args.image_aspect_ratio

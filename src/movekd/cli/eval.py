@@ -32,10 +32,15 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    from movekd.data.llava_json import read_llava_file
     from movekd.inference import load_trained
+    from movekd.train.build import resolve_path
     from movekd.train.config import EvalConfig
     from movekd.train.evaluate import run_eval
 
+    # A missing or malformed data file fails before the model is loaded.
+    for data in filter(None, [args.data, args.prior_data]):
+        read_llava_file(resolve_path(data))
     loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,

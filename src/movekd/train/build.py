@@ -55,6 +55,9 @@ def load_llm(config: TrainConfig, device):
             llm = AutoModelForCausalLM.from_config(llm_config, dtype=dtype)
         return llm, None
     path = str(resolve_path(ref)) if ref.startswith(ASSET_PREFIX) else ref
+    if not ref.startswith(ASSET_PREFIX) and ref.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"model.llm: no folder {ref} (a local LLM is a folder with config.json, "
+                             "safetensors weights and the tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,

@@ -211,7 +211,7 @@ def load_model_weights(model: torch.nn.Module, folder: Path, skip_prefixes: tupl
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        parts = [f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                  for label, items in (("missing", missing), ("unexpected", unexpected),
                                       ("shape checkpoint vs model", shapes)) if items]
         raise CheckpointError(f"checkpoint {folder} does not fit the model of this config: " + "; ".join(parts)
