@@ -72,8 +72,8 @@ def run_demo(out: str | Path = "runs/demo", *, compare: bool = False, overrides:
 
     start = time.perf_counter()
     out = Path(out)
+    config = load_config("demo", [f"output_dir={out / 'movekd'}", *(overrides or [])])  # bad overrides fail first
     assets = prepare_all(["smollm2", "dinov2_s14", "efficientnet_lite0", "efficientnet_lite2", "easyvqa"])
-    config = load_config("demo", [f"output_dir={out / 'movekd'}", *(overrides or [])])
     movekd = _run(config, show_progress, on_log)
     baseline = _run(baseline_config(config), show_progress, on_log) if compare else None
     results = {
