@@ -18,9 +18,10 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from movekd.inference import answer, load_trained, read_query_image
+    from movekd.inference import answer, load_trained, read_query_image, resolve_bundle
 
-    read_query_image(args.image)  # a bad image fails before the model is loaded
+    resolve_bundle(args.checkpoint)  # a wrong path or a bad image fails before the model is loaded
+    read_query_image(args.image)
     loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
     if args.image_aspect_ratio:
         loaded.image_aspect_ratio = args.image_aspect_ratio
