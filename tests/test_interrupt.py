@@ -60,8 +60,11 @@ def _logged_steps(run: Path) -> int:
 
 
 def _kill_after(proc: subprocess.Popen, run: Path, step: int, delay: float) -> bool:
-    """SIGKILL ``proc`` ``delay`` seconds after it logged global step ``step``; False if it finished first."""
-    while _logged_steps(run) < step:
+    """SIGKILL ``proc`` ``delay`` seconds after it logged global step ``step``; False if it finished first.
+
+    A resumed run first drops the records logged after its checkpoint, before it logs a stage's
+    parameter table: only records after that are its own."""
+    while "parameters" not in proc.log.read_text() or _logged_steps(run) < step:
         if proc.poll() is not None:
             return False
         time.sleep(0.01)
