@@ -55,7 +55,7 @@ def model_card(result, config, train_config: dict) -> str:
         f"# {train_config.get('name', 'movekd')} (MoVE-KD student, LLaVA format)",
         "",
         "A LLaVA-style VLM whose vision encoder was distilled from several teachers with MoVE-KD "
-        "(CVPR 2025) by [movekd](https://github.com/) and exported with `movekd export --format hf-llava "
+        "(CVPR 2025) with movekd and exported with `movekd export --format hf-llava "
         f"--merge {result.merge}`.",
         "",
         "## Model",
@@ -73,7 +73,7 @@ def model_card(result, config, train_config: dict) -> str:
         "",
         "## Use",
         "```python",
-        "import torch" + ("\nimport movekd  # registers movekd_student" if result.merge == "none" else ""),
+        *(["import movekd  # registers the movekd_student vision tower"] if result.merge == "none" else []),
         "from PIL import Image",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
         "",
