@@ -279,3 +279,30 @@ def test_exported_image_processor_reproduces_movekd_preprocessing(mode):
     # stretch: movekd resizes with PIL, the processor with torchvision (measured: at most one grey level)
     tolerance = 1.01 / (255 * min(IMAGENET_STD)) if mode == "stretch" else 1e-6
     assert (theirs - ours).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("source", ["hf_clip", "hf_dinov2"])
+def test_towers_feed_llava_the_student_tokens(source):
+    """Stock (merged) and exact towers: LLaVA's hidden_states[vision_feature_layer][:, 1:] on the
+    processor's pixels are the student's tokens, for both student families."""
+    from movekd.export import merge_weights, merged_student
+    from movekd.export.hf_llava import exact_vision_tower, stock_vision_tower
+    from movekd.student import build_student
+    from movekd.teachers.preprocess import preprocess_images
+
+    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                patch_size=8)
+    spec = {"name": "s", "source": source, "model": "tiny", "pretrained": False, "image_size": 32, "layer": -2,
+            "config": arch}
+    torch.manual_seed(0)
+    student = build_student(spec, mole_options={"num_experts": 3, "rank": 4, "alpha": 4.0, "init": "paper"}).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    p = student.spec
+    pixels = preprocess_images(images, image_size=32, mean=p.mean, std=p.std)
+    plain = merged_student(student, merge_weights(student, "mean"))
+    with torch.no_grad():
+        for module, tower in ((plain, stock_vision_tower(plain)), (student, exact_vision_tower(student))):
+            hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+            torch.testing.assert_close(hidden[student.select_layer][:, 1:], module(images).tokens, rtol=1e-5,
+                                       atol=1e-5)
+        assert not torch.allclose(plain(images).tokens, student(images).tokens)  # the merge changed something
