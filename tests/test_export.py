@@ -82,7 +82,9 @@ def test_version1_bundle_still_loads(bundle, tmp_path):
     assert load_trained(old).system_prompt == ""
     legacy.pop("vision")
     (old / "movekd_config.json").write_text(json.dumps(legacy))
-    with pytest.raises(ValueError, match="version-1 bundle"):
+    from movekd.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="version-1 bundle"):
         read_vlm_config(old)
 
 
@@ -251,9 +253,12 @@ def test_export_refuses_unmappable_projector(bundle, tmp_path, capsys):
     weights = load_file(pooled / "projector.safetensors")
     save_file({f"inner.{k}": v for k, v in weights.items()}, pooled / "projector.safetensors")
     assert main(["export", str(pooled), str(tmp_path / "out")]) == 2
-    assert "pool2_mlp2x_gelu" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert "pool2_mlp2x_gelu" in err and "Traceback" not in err and not (tmp_path / "out").exists()
     assert main(["export", str(path), str(tmp_path / "u"), "--merge", "usage"]) == 2
     assert "--calib" in capsys.readouterr().err
+    assert main(["export", str(path), str(pooled)]) == 2  # an existing folder is not replaced silently
+    assert "--overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["stretch", "square", "pad"])

@@ -34,14 +34,10 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from movekd.export import export_hf_llava
 
-    try:
-        result = export_hf_llava(args.checkpoint, args.out, merge=args.merge, calib=args.calib,
-                                 eval_data=args.eval_data, eval_samples=args.eval_samples,
-                                 calib_images=args.calib_images, overwrite=args.overwrite,
-                                 progress=lambda message: print(message, file=sys.stderr))
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    result = export_hf_llava(args.checkpoint, args.out, merge=args.merge, calib=args.calib,
+                             eval_data=args.eval_data, eval_samples=args.eval_samples,
+                             calib_images=args.calib_images, overwrite=args.overwrite,
+                             progress=lambda message: print(message, file=sys.stderr))
     print(f"exported {args.checkpoint} -> {result.path} (hf-llava, merge {result.merge}, "
           f"{result.num_image_tokens} image tokens, vision_feature_layer {result.vision_feature_layer})")
     cost = result.cost

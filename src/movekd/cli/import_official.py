@@ -23,11 +23,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from movekd.convert import import_official
 
-    try:
-        out = import_official(args.checkpoint, args.out, vision_config=args.vision_config, overwrite=args.overwrite,
-                              progress=lambda message: print(message, file=sys.stderr))
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = import_official(args.checkpoint, args.out, vision_config=args.vision_config, overwrite=args.overwrite,
+                          progress=lambda message: print(message, file=sys.stderr))
     print(f"imported {args.checkpoint} -> {out} (movekd bundle)")
     return 0

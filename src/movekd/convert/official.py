@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from movekd.errors import CheckpointError
+
 OFFICIAL_MODEL_TYPE = "move_llava_llama"
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -34,7 +36,7 @@ CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
 _ADAPTER_NAMES = ("eva_adapter_", "convnext_adapter_", "sam_adapter_", "pix2struct_adapter_")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(CheckpointError, ValueError):
     """The folder is not an official MoVE-KD checkpoint movekd can import; the message says why."""
 
 
@@ -141,7 +143,7 @@ def import_official(folder: str | Path, out: str | Path, *, vision_config: dict 
     if config.get("mm_use_im_start_end"):
         raise OfficialCheckpointError("mm_use_im_start_end checkpoints (image start/end tokens) are not supported")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite / --overwrite to replace it)")
+        raise OfficialCheckpointError(f"{out} exists (pass overwrite / --overwrite to replace it)")
 
     arch = _vision_architecture(config, folder, vision_config)
     student_config = _student_config(config, arch)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from movekd.atomic import atomic_folder
+from movekd.errors import UserError
 from movekd.export.merge import MERGES, expert_usage, feature_distance, merge_weights, merged_student
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ FORMATS = ("hf-llava",)
 _PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}
 _STOCK_VISION = {"hf_dinov2": ("Dinov2Config", "Dinov2Model"), "hf_clip": ("CLIPVisionConfig", "CLIPVisionModel")}
 _FINAL_NORMS = {"hf_dinov2": "layernorm", "hf_clip": "post_layernorm"}
+
+
+class ExportError(UserError, ValueError):
+    """A bundle that cannot be exported as asked (the message says why and what would work)."""
 
 
 @dataclass
@@ -73,12 +78,12 @@ def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 
         seen.add(sample["image"])
         file = resolve_image(sample, root)
         if not file.is_file():
-            raise FileNotFoundError(f"{data}: image not found: {file}")
+            raise FileNotFoundError(2, f"{data}: image not found", str(file))
         images.append(read_image(file, image_size, image_aspect_ratio, fill))
         if len(images) >= max_images:
             break
     if not images:
-        raise ValueError(f"{data}: no images to calibrate on")
+        raise ExportError(f"{data}: no images to calibrate on")
     return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
@@ -87,13 +92,13 @@ def _check_mappable(vlm) -> None:
 
     kind = vlm.projector.config["type"]
     if kind not in _PROJECTOR_ACT:
-        raise ValueError(f"export hf-llava: projector {kind!r} has no LLaVA equivalent (LLaVA's "
+        raise ExportError(f"export hf-llava: projector {kind!r} has no LLaVA equivalent (LLaVA's "
                          f"multi_modal_projector is linear_1 -> act -> linear_2); exportable: "
                          f"{', '.join(_PROJECTOR_ACT)}")
     if not isinstance(vlm.vision, Student):
-        raise ValueError(f"export hf-llava: the vision module is a {type(vlm.vision).__name__}, not a movekd Student")
+        raise ExportError(f"export hf-llava: the vision module is a {type(vlm.vision).__name__}, not a movekd Student")
     if vlm.vision.spec.source not in _STOCK_VISION:
-        raise ValueError(f"export hf-llava: student source {vlm.vision.spec.source!r} is not exportable "
+        raise ExportError(f"export hf-llava: student source {vlm.vision.spec.source!r} is not exportable "
                          f"({', '.join(_STOCK_VISION)})")
 
 
@@ -103,7 +108,7 @@ def stock_vision_tower(student) -> nn.Module:
 
     source = student.spec.source
     if student.forward_kwargs.get("interpolate_pos_encoding"):
-        raise ValueError("export hf-llava: a CLIP student run at a size other than its position grid needs "
+        raise ExportError("export hf-llava: a CLIP student run at a size other than its position grid needs "
                          "interpolate_pos_encoding, which stock LLaVA does not pass; train at the native size")
     config_name, model_name = _STOCK_VISION[source]
     arch = dict(student.config["spec"]["config"])
@@ -204,12 +209,12 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
 
     say = progress or (lambda message: None)
     if merge not in ("none", *MERGES):
-        raise ValueError(f"unknown merge {merge!r}; expected none, {', '.join(MERGES)}")
+        raise ExportError(f"unknown merge {merge!r}; expected none, {', '.join(MERGES)}")
     if merge == "usage" and calib is None:
-        raise ValueError("merge 'usage' weights experts by their usage on calibration images: pass calib (--calib DATA.json)")
+        raise ExportError("merge 'usage' weights experts by their usage on calibration images: pass calib (--calib DATA.json)")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite / --overwrite to replace it)")
+        raise ExportError(f"{out} exists (pass overwrite / --overwrite to replace it)")
     bundle = resolve_bundle(source)
     loaded = load_trained(bundle, fold_experts=False)
     vlm, config = loaded.vlm, loaded.config

@@ -23,9 +23,14 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from movekd.errors import UserError
 from movekd.mole import MoLEFFN, mole_layers, record_router_probs
 
 MERGES = ("mean", "usage")
+
+
+class MergeError(UserError, ValueError):
+    """A merge that cannot be done as asked (no experts, no calibration images, ...)."""
 
 
 @torch.no_grad()
@@ -34,7 +39,7 @@ def expert_usage(student: nn.Module, image_batches: Iterable[torch.Tensor]) -> d
     (uint8 ``[B, 3, H, W]`` batches as the student takes them). Returns ``{name: [E]}`` in float32."""
     names = {layer: name for name, layer in student.named_modules() if isinstance(layer, MoLEFFN)}
     if not names:
-        raise ValueError("the student has no MoLE layers: nothing to merge")
+        raise MergeError("the student has no MoLE layers: nothing to merge")
     sums = {name: torch.zeros(layer.num_experts) for layer, name in names.items()}
     tokens = 0
     was_training = student.training
@@ -51,7 +56,7 @@ def expert_usage(student: nn.Module, image_batches: Iterable[torch.Tensor]) -> d
     finally:
         student.train(was_training)
     if tokens == 0:
-        raise ValueError("no calibration images: expert usage cannot be measured")
+        raise MergeError("no calibration images: expert usage cannot be measured")
     return {name: total / tokens for name, total in sums.items()}
 
 
@@ -76,15 +81,15 @@ def merge_weights(student: nn.Module, how: Literal["mean", "usage"],
                   usage: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The per-layer expert weights ``w`` of a merge: ``{layer name: [E]}``."""
     if how not in MERGES:
-        raise ValueError(f"unknown merge {how!r}; expected one of {MERGES}")
+        raise MergeError(f"unknown merge {how!r}; expected one of {MERGES}")
     layers = {name: layer for name, layer in student.named_modules() if isinstance(layer, MoLEFFN)}
     if how == "mean":
         return {name: torch.full((layer.num_experts,), 1.0 / layer.num_experts) for name, layer in layers.items()}
     if usage is None:
-        raise ValueError("merge 'usage' needs the measured expert usage (expert_usage on calibration images)")
+        raise MergeError("merge 'usage' needs the measured expert usage (expert_usage on calibration images)")
     missing = sorted(set(layers) - set(usage))
     if missing:
-        raise ValueError(f"expert usage is missing for MoLE layer {missing[0]}")
+        raise MergeError(f"expert usage is missing for MoLE layer {missing[0]}")
     return {name: usage[name].float() for name in layers}
 
 
@@ -95,7 +100,7 @@ def merged_student(student: nn.Module, weights: dict[str, torch.Tensor]) -> nn.M
     from movekd.student import build_student
 
     if not mole_layers(student):
-        raise ValueError("the student has no MoLE layers: nothing to merge")
+        raise MergeError("the student has no MoLE layers: nothing to merge")
     config = {**student.config, "mole": False, "mole_options": {}}
     plain = build_student(config)
     state = {k: v for k, v in student.state_dict().items()
@@ -121,5 +126,5 @@ def feature_distance(reference: nn.Module, other: nn.Module, image_batches: Iter
         cos += torch.nn.functional.cosine_similarity(a, b, dim=-1).sum().item()
         count += a.shape[0] * a.shape[1]
     if count == 0:
-        raise ValueError("no images to measure the feature distance on")
+        raise MergeError("no images to measure the feature distance on")
     return {"relative_l2": rel / count, "cosine": cos / count, "tokens": count}

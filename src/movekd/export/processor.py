@@ -23,6 +23,7 @@ import json
 import math
 
 from movekd.data.templates import IMAGE_TAG, V1_SYSTEM, get_template
+from movekd.errors import UserError
 
 _PREAMBLE = (
     "{%- set movekd = namespace(msgs=[]) -%}"
@@ -87,7 +88,7 @@ def image_processor_for(spec: dict, *, decode_size: int, aspect_ratio: str = "st
     from transformers.image_utils import PILImageResampling
 
     if spec.get("resize", "shortest_crop") != "shortest_crop":
-        raise ValueError(f"export: student resize mode {spec.get('resize')!r} has no stock image-processor "
+        raise UserError(f"export: student resize mode {spec.get('resize')!r} has no stock image-processor "
                          "equivalent (only shortest_crop)")
     size = int(spec["image_size"])
     crop_pct = float(spec.get("crop_pct", 1.0))

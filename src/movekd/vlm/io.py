@@ -35,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from movekd.atomic import atomic_folder
+from movekd.errors import CheckpointError
 from movekd.vlm.config import VLMConfig, config_for, settings_from_train_config
 from movekd.vlm.model import MoveKDVLM
 from movekd.vlm.projector import build_projector
@@ -83,9 +84,10 @@ def read_config(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} is not a movekd VLM bundle (no {CONFIG_NAME})")
     config = json.loads(file.read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {config.get('format')!r} is not {FORMAT!r}")
+        raise CheckpointError(f"{file}: format {config.get('format')!r} is not {FORMAT!r}")
     if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {config['format_version']} is newer than this movekd supports")
+        raise CheckpointError(f"{file}: format_version {config['format_version']} is newer than this movekd "
+                              "supports (upgrade movekd)")
     return config
 
 
@@ -95,7 +97,7 @@ def read_vlm_config(path: str | os.PathLike) -> VLMConfig:
     if document.get("format_version", 1) >= 2:
         return VLMConfig.from_dict({k: v for k, v in document.items() if k not in _FORMAT_KEYS})
     if "vision" not in document or "projector" not in document:
-        raise ValueError(f"{path}: a version-1 bundle config without 'vision'/'projector'; it cannot be loaded")
+        raise CheckpointError(f"{path}: a version-1 bundle config without 'vision'/'projector'; it cannot be loaded")
     settings = settings_from_train_config(document.get("extra", {}).get("train_config"))
     if "image_size" not in settings and document.get("extra", {}).get("image_size"):
         settings["image_size"] = int(document["extra"]["image_size"])
