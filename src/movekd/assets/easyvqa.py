@@ -69,13 +69,12 @@ def _facts(question: str, answer: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
-    """One caption per image ("a blue rectangle") from what its questions state.
+def image_labels(questions: list[tuple[str, str, int]]) -> dict[int, tuple[str | None, str | None]]:
+    """``(colour, shape)`` per image id from what its questions state (None where they leave it open).
 
     Every easy-vqa image holds one shape of one colour. Direct answers ("what color is the shape?")
     and yes/no questions ("is there not a circle?" → "no") both state facts; a shape ruled out twice
-    leaves the third one. An image whose colour stays unknown is captioned "a circle", and one whose
-    shape stays unknown "a blue shape".
+    leaves the third one.
     """
     found: dict[int, dict[str, Counter]] = {}
     excluded: dict[int, set[str]] = {}
@@ -96,9 +95,18 @@ def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
         if shape is None and len(remaining) == 1:
             shape = remaining[0]
         colour = facts["color"].most_common(1)[0][0] if "color" in facts else None
-        words = [w for w in (colour, shape or "shape") if w]
-        result[image_id] = "a " + " ".join(words)
+        result[image_id] = (colour, shape)
     return result
+
+
+def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
+    """One caption per image ("a blue rectangle") from :func:`image_labels`.
+
+    An image whose colour stays unknown is captioned "a circle", and one whose shape stays unknown
+    "a blue shape".
+    """
+    return {image_id: "a " + " ".join(w for w in (colour, shape or "shape") if w)
+            for image_id, (colour, shape) in image_labels(questions).items()}
 
 
 def build_easyvqa(out: Path) -> dict:
