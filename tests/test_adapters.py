@@ -92,3 +92,19 @@ def test_registry():
     with pytest.raises(ValueError, match="unknown adapter 'mlp'"):
         build_adapter("mlp", 8, (2, 2), 4, (2, 2))
     assert build_adapter("resample_mlp", 8, (2, 2), 4, (2, 2), hidden_dim=16).fc1.out_features == 16
+
+
+def test_interpolate_adapter_is_parameter_free_and_resamples_both_axes():
+    adapter = build_adapter("interpolate", 6, (4, 4), 3, (2, 2))
+    assert sum(p.numel() for p in adapter.parameters()) == 0
+    # Channels (0,1), (2,3), (4,5) averaged; each 2x2 block of the 4x4 grid averaged.
+    tokens = torch.arange(2 * 16 * 6, dtype=torch.float32).reshape(2, 16, 6)
+    out = adapter(tokens)
+    grid = tokens.reshape(2, 4, 4, 3, 2).mean(-1)  # channel pairs
+    expected = grid.reshape(2, 2, 2, 2, 2, 3).mean((2, 4)).reshape(2, 4, 3)
+    assert out.shape == (2, 4, 3) and torch.allclose(out, expected)
+    # Growing channels: linear interpolation keeps a constant signal constant and the range.
+    wide = build_adapter("interpolate", 3, (2, 2), 8, (2, 2))(torch.full((1, 4, 3), 2.5))
+    assert wide.shape == (1, 4, 8) and torch.allclose(wide, torch.full_like(wide, 2.5))
+    with pytest.raises(ValueError, match=r"\[B, N, 6\]"):
+        adapter(torch.randn(1, 16, 5))

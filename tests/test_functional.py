@@ -174,3 +174,18 @@ def test_balance_loss_layers_samples_and_bounds():
     torch.testing.assert_close(balance_loss([l1, l2]), torch.tensor(0.25 * 0.25 + 0.75 * 0.75))
     with pytest.raises(ValueError, match="no router"):
         balance_loss([])
+
+
+def test_text_token_weight_formula_and_masking():
+    from movekd.functional import text_token_weight
+
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # third token masked out
+    visual = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]]])
+    mask = torch.tensor([[True, True, False]])
+    w = text_token_weight(visual, text, mask, temperature=0.5)
+    s = torch.tensor([0.5, 0.5, -0.5, 2 ** -0.5])  # mean cosine over the two unmasked text tokens
+    assert torch.allclose(w[0], torch.softmax(s / 0.5, dim=0))
+    # No text token: uniform.
+    assert torch.allclose(text_token_weight(visual, text, torch.zeros(1, 3, dtype=torch.bool)), torch.full((1, 4), 0.25))
+    with pytest.raises(ValueError, match="text_mask"):
+        text_token_weight(visual, text, mask[:, :2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -173,3 +174,19 @@ def test_checkpoint_write_failure_names_folder_and_keeps_previous(tmp_path, monk
     assert ckpt.load_trainer_state(folder)["global_step"] == 1
     assert torch.equal(ckpt.load_weights(folder / ckpt.WEIGHTS)["w"], torch.ones(3))
     assert [p.name for p in folder.parent.iterdir()] == ["step-1"]  # no temporary folder left
+
+
+def test_interpolate_adapter_and_text_token_weight_train(tmp_path):
+    # Table 2's parameter-free adapter trains (empty adapter group) and the text-guided token weight
+    # changes the KD loss of the very first step (same seed, same batch, same weights).
+    first_kd = {}
+    for source in ("cls_attention", "text"):
+        cfg = tiny_config(tmp_path / source, steps=(0, 2), adapter="interpolate")
+        cfg["stages"] = cfg["stages"][1:]  # the chat stage: prompts hold the question
+        cfg["kd"].update(token_weight_source=source, token_weight_mode="renorm", text_token_weight_temperature=0.01)
+        config = load_config(cfg)
+        train(config, show_progress=False)
+        records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["kd"]) for r in records)
+        first_kd[source] = records[0]["kd"]
+    assert first_kd["text"] != pytest.approx(first_kd["cls_attention"], rel=1e-6)

@@ -8,6 +8,7 @@ MSE sums lose digits. The cast costs one [B, N, D] copy at most. Outputs are flo
 from movekd.functional.balance import balance_loss
 from movekd.functional.kd_loss import kd_loss, kd_loss_per_teacher
 from movekd.functional.teacher_weight import teacher_weight
+from movekd.functional.text_token_weight import text_token_weight
 from movekd.functional.token_weight import token_weight, token_weight_qv
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "kd_loss",
     "kd_loss_per_teacher",
     "teacher_weight",
+    "text_token_weight",
     "token_weight",
     "token_weight_qv",
 ]

@@ -99,6 +99,11 @@ class KDConfig:
     # Eq. 3 as computed (docs/method.md): "official" = softmax of the head-mean CLS attention row over
     # the patches (a double softmax, near uniform); "renorm" = that row renormalised to sum 1.
     token_weight_mode: Literal["official", "renorm"] = "official"
+    # Where the token weight comes from: the CLIP-role teacher's [CLS] attention (Eq. 3, the paper's
+    # choice), or the question ("text": mean cosine of each projected visual token to the prompt's
+    # text-token embeddings, softmax / text_token_weight_temperature; §5.1 reports it worse).
+    token_weight_source: Literal["cls_attention", "text"] = "cls_attention"
+    text_token_weight_temperature: float = 0.1
     # Eq. 4's 1/sqrt(d) on the CLS-token scores: "none" (official code: raw dot products) or "sqrt_d".
     teacher_weight_scale: Literal["none", "sqrt_d"] = "none"
     # Official batch-level hack: re-softmax the non-CLIP weights when a teacher's batch-mean weight
@@ -106,6 +111,8 @@ class KDConfig:
     teacher_weight_flatten_threshold: Optional[float] = 0.8
 
     def __post_init__(self):
+        if self.text_token_weight_temperature <= 0:
+            raise ValueError(f"text_token_weight_temperature must be > 0, got {self.text_token_weight_temperature}")
         t = self.teacher_weight_flatten_threshold
         if t is not None and not 0.0 < t <= 1.0:
             raise ValueError(f"teacher_weight_flatten_threshold must be in (0, 1] or null, got {t}")

@@ -7,7 +7,9 @@ One forward computes, from a single student pass (paper §3, Eq. 5):
 - ``L_text``: the LLM's next-token loss on the answers (the VLM forward).
 - ``L_kd`` (Eq. 2): MSE between the student's patch tokens (select layer, before the projector) and
   each teacher's tokens, mapped to the student grid and width by its adapter; weighted per token by
-  the CLIP-role teacher's [CLS] attention (Eq. 3) and per teacher by Eq. 4.
+  the CLIP-role teacher's [CLS] attention (Eq. 3), or with ``kd.token_weight_source: text`` by the
+  question (``movekd.functional.text_token_weight``, the paper's rejected §5.1 variant), and per
+  teacher by Eq. 4.
 - ``L_bal``: the load-balance loss over the router probabilities of every MoLE layer.
 
 Teachers are registered submodules (``.to()``, dtype casts and DDP see them) but frozen and kept out
@@ -23,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from movekd.data.templates import IGNORE_INDEX
 from movekd.errors import UserError
-from movekd.functional import balance_loss, kd_loss_per_teacher, teacher_weight, token_weight
+from movekd.functional import balance_loss, kd_loss_per_teacher, teacher_weight, text_token_weight, token_weight
 from movekd.mole import collect_router_probs
 from movekd.train.config import KDConfig
 from movekd.train.teacher_cache import CachedTeacher, TeacherCache
@@ -132,9 +135,12 @@ class MoveKDModel(nn.Module):
             if has_image is not None and not self.kd.kd_on_text_only:
                 select = has_image.to(images.device).bool()
             if select.any():
+                text_weight = None
+                if self.kd.token_weight and self.kd.token_weight_source == "text":
+                    text_weight = self._text_token_weight(student.tokens, input_ids, attention_mask, labels)[select]
                 kd, per_teacher, weights = self._kd(student.tokens[select], images[select],
                                                     [key for key, s in zip(image_keys, select.tolist()) if s]
-                                                    if image_keys is not None else None)
+                                                    if image_keys is not None else None, text_weight)
                 losses.kd = kd
                 losses.kd_per_teacher = per_teacher
                 losses.teacher_weights = weights
@@ -157,7 +163,18 @@ class MoveKDModel(nn.Module):
                 f"{tuple(getattr(adapter, 'teacher_grid', ()))}): the teacher's spec (model, layer, image_size) "
                 "changed since the adapter was built or saved")
 
-    def _kd(self, student_tokens: Tensor, images: Tensor, keys: list[str] | None):
+    def _text_token_weight(self, tokens: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Token weight from the prompt: projected visual tokens vs the prompt's text embeddings
+        (unsupervised, non-image, non-padding positions: question, template and system text)."""
+        with torch.no_grad():
+            proj_dtype = next((p.dtype for p in self.vlm.projector.parameters()), tokens.dtype)
+            visual = self.vlm.projector(tokens.detach().to(proj_dtype))
+            is_image = input_ids == self.vlm.image_token_index
+            text = self.vlm.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+            mask = attention_mask.bool() & ~is_image & (labels == IGNORE_INDEX)
+            return text_token_weight(visual, text, mask, self.kd.text_token_weight_temperature)
+
+    def _kd(self, student_tokens: Tensor, images: Tensor, keys: list[str] | None, text_weight: Tensor | None = None):
         adapted, clip_cls, weight = [], None, None
         for k in range(len(self.teachers)):
             items, grid = self.teacher_outputs(k, images, keys)
@@ -176,6 +193,8 @@ class MoveKDModel(nn.Module):
             else:
                 self._check_adapter_input(k, tokens, grid)
                 adapted.append(self.adapters[k](tokens.to(student_tokens.dtype), grid, self.student_grid))
+        if text_weight is not None:
+            weight = text_weight
         per_teacher = kd_loss_per_teacher(student_tokens, adapted, weight if self.kd.token_weight else None)
         if clip_cls is not None and (self.kd.teacher_weight or len(adapted) > 1):
             scale = clip_cls.shape[-1] ** -0.5 if self.kd.teacher_weight_scale == "sqrt_d" else None
