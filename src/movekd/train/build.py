@@ -19,7 +19,7 @@ from movekd.errors import UserError
 from movekd.train.config import StageConfig, TrainConfig
 from movekd.train.groups import format_table, parameter_table
 from movekd.train.kd_model import MoveKDModel
-from movekd.train.teacher_cache import TeacherCache
+from movekd.train.feature_cache import open_teacher_cache
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
         raise ConfigError(f"teacher 0 ('{teachers[0].name}') plays the CLIP role: token and teacher weights "
                          "(Eq. 3, 4) need its [CLS] attention; set provides_cls_attention: true on it, or "
                          "turn kd.token_weight and kd.teacher_weight off")
-    cache = TeacherCache() if config.teacher_cache and not meta else None
+    cache = open_teacher_cache(config) if teachers and not meta else None
     model = MoveKDModel(vlm, teachers, adapters, kd, grid, [t.name for t in teachers], cache=cache)
     image_size = config.image_size or max([student.spec.image_size] + [t.spec.image_size for t in teachers])
     from movekd.vlm.projector import projected_tokens

@@ -206,6 +206,9 @@ class TrainConfig:
     save_every: int = 0  # optimiser steps between checkpoints; 0 = at the end of each stage
     keep_checkpoints: int = 2
     teacher_cache: bool = True  # keep frozen-teacher outputs per image for the run
+    # A folder written by `movekd cache CONFIG` (movekd.train.feature_cache): teacher outputs read
+    # from disk; refused if written with other teacher settings or images. None: computed online.
+    teacher_cache_dir: Optional[str] = None
 
     @property
     def run_dir(self) -> Path:
