@@ -21,7 +21,7 @@ import sys
 from movekd.errors import UserError
 
 # Order = order in `movekd --help`.
-SUBCOMMANDS = ["demo", "train", "eval", "chat", "export", "import-official", "assets", "teachers", "probe", "viz", "cache", "bench"]
+SUBCOMMANDS = ["demo", "train", "eval", "chat", "export", "import-official", "assets", "teachers", "probe", "viz", "cache", "ablate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
