@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from movekd.errors import UserError
 from movekd.train.teacher_cache import CachedTeacher, TeacherCache
 
 FORMAT = "movekd-teacher-cache"
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(UserError, ValueError):
     """The on-disk teacher cache does not fit this config or is corrupt; the message says why."""
 
 

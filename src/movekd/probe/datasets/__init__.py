@@ -13,8 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from movekd.errors import UserError
 
-class ProbeDatasetError(ValueError):
+
+class ProbeDatasetError(UserError, ValueError):
     """A probe dataset is unknown or its files are missing; the message says how to get them."""
 
 
