@@ -89,9 +89,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    # The in-run teacher cache is off: a resumed run recomputes outputs the uninterrupted run had
-    # cached, in other batches, which on CPU can differ in the last bits (README, "Your own data").
-    base = {**tiny_config(tmp_path, steps=(5, 5)), "teacher_cache": False}
+    # With the in-run teacher cache on (the default): a resumed run recomputes outputs the
+    # uninterrupted run had cached, in other batches (README, "Your own data").
+    base = tiny_config(tmp_path, steps=(5, 5))
     straight_cfg, straight = _write_config(base, tmp_path, "straight")
     killed_cfg, killed = _write_config(base, tmp_path, "killed")
     reference = _train(straight_cfg)
@@ -141,7 +141,7 @@ def test_sigterm_writes_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp
     from movekd.train.config import load_config
     from movekd.train.loop import train
 
-    base = {**tiny_config(tmp_path, steps=(3, 3)), "teacher_cache": False}  # see the test above
+    base = tiny_config(tmp_path, steps=(3, 3))
     straight = train(load_config({**base, "output_dir": str(tmp_path / "straight")}), show_progress=False)
     config_path, run = _write_config({**base, "save_every": 0}, tmp_path, "stopped")
     config_path.write_text(yaml.safe_dump({**yaml.safe_load(config_path.read_text()), "save_every": 0}))
@@ -165,6 +165,22 @@ def test_sigterm_writes_a_checkpoint_at_the_step_boundary_and_resume_matches(tmp
     expected = straight.system.checkpoint_weights()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert _losses(run) == _losses(tmp_path / "straight")
+
+
+def test_resume_in_an_earlier_stage_restores_its_rng_there_only(tmp_path):
+    """A run resumed in stage 1 must not restore the checkpoint's RNG states again at stage 2 (it did:
+    stage 2 then drew the dropout masks of stage 1's step 2 and diverged)."""
+    from movekd.train.config import load_config
+    from movekd.train.loop import train
+
+    base = tiny_config(tmp_path, steps=(3, 3))
+    straight = train(load_config({**base, "output_dir": str(tmp_path / "straight")}), show_progress=False)
+    config = load_config({**base, "output_dir": str(tmp_path / "resumed")})
+    train(config, show_progress=False, stop_after_steps=2)
+    resumed = train(config, resume=config.run_dir, show_progress=False)
+    a, b = straight.system.checkpoint_weights(), resumed.system.checkpoint_weights()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
 
 def test_half_written_checkpoints_are_passed_over(tmp_path, caplog):

@@ -138,10 +138,13 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
     start_time = time.perf_counter()
     total_steps_done = 0
 
+    # The stage the checkpoint was written in: only there are its RNG states and optimiser restored
+    # (state["stage"] moves on as stages finish, so it must not be compared again later).
+    resume_stage = state["stage"] if resume_dir is not None else None
     for stage_index, stage in enumerate(config.stages):
         if stage_index < state["stage"]:
             continue
-        resuming_here = resume_dir is not None and stage_index == state["stage"]
+        resuming_here = stage_index == resume_stage
         fresh = not (resuming_here and state["step"] > 0)
         state["stage"] = stage_index
         if not fresh:
