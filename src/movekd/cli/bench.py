@@ -1,7 +1,7 @@
 """``movekd bench WHICH``: run one benchmark and print its figures (a table, or JSON with ``--json``).
 
 Each benchmark is a library function returning a dict; ``BENCHES`` maps its name to a runner that
-calls it with the parsed options. Add ``efficiency``, ``train``, ... there.
+calls it with the parsed options and a formatter that turns the dict into the printed table.
 """
 
 from __future__ import annotations
@@ -19,44 +19,86 @@ def _bench_mole(args: argparse.Namespace) -> dict:
     return run_mole_bench(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace], dict]] = {"mole": _bench_mole}
+def _format_mole(result: dict) -> str:
+    lines = [" ".join(f"{k}={v}" for k, v in result.get("config", {}).items())]
+    seconds, fastest = result.get("seconds", {}), result.get("min_seconds", {})
+    if seconds:
+        lines.append(f"{'case':<20}{'plain ms':>10}{'mole ms':>10}{'ratio':>8}{'min ratio':>11}")
+        for mode, pair in seconds.items():
+            best = fastest.get(mode)
+            best_ratio = f"{best['mole'] / best['plain']:.3f}" if best else "-"
+            lines.append(f"{mode:<20}{pair['plain'] * 1e3:>10.1f}{pair['mole'] * 1e3:>10.1f}"
+                         f"{pair['mole'] / pair['plain']:>8.3f}{best_ratio:>11}")
+    for key, value in result.items():
+        if key not in ("config", "seconds", "min_seconds", "ratio", "min_ratio"):
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def _bench_efficiency(args: argparse.Namespace) -> dict:
+    from movekd.bench.efficiency import TEXT_TOKENS, run_efficiency_bench
+
+    embedded = None if args.embedded == "none" else args.embedded
+    return run_efficiency_bench(args.paper, embedded, text_tokens=args.text_tokens or TEXT_TOKENS,
+                                repeats=args.repeats or 5, threads=args.threads, precision=args.precision)
+
+
+def _format_efficiency(result: dict) -> str:
+    from movekd.bench.efficiency import format_efficiency
+
+    return format_efficiency(result)
+
+
+def _plot_efficiency(result: dict, path: str) -> None:
+    from movekd.bench.efficiency import plot_efficiency
+
+    plot_efficiency(result, path)
+
+
+# name -> (runner, formatter, plotter or None)
+BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[dict], str], Callable | None]] = {
+    "mole": (_bench_mole, _format_mole, None),
+    "efficiency": (_bench_efficiency, _format_efficiency, _plot_efficiency),
+}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="measure costs (MoLE FFN overhead, ...) and print ratios",
+        help="measure costs (MoLE FFN overhead, single student vs multi-encoder VLM) and print ratios",
         description="Run a benchmark in this process and print its figures. 'mole': plain FFN vs MoLE FFN "
         "at CLIP ViT-L shapes (inference with the grouped and the folded path, training step with all "
         "weights trainable, training step with the base frozen); medians of interleaved runs and "
-        "mole/plain ratios.",
+        "mole/plain ratios. 'efficiency': the MoVE-KD student VLM against the multi-encoder VLM it "
+        "replaces (every teacher run and concatenated on channels, Eagle-style): FLOPs, parameters and "
+        "memory of one prefill counted at paper scale on the meta device, and latency and memory "
+        "measured at the embedded scale on this CPU; ratios are multi / single.",
     )
     parser.add_argument("which", choices=sorted(BENCHES), help="benchmark to run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per image (default 577: CLIP-L/14 at 336)")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (default 1)")
+    parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot (efficiency)")
+    parser.add_argument("--tokens", type=int, default=None, help="mole: tokens per image (default 577: CLIP-L/14 at 336)")
+    parser.add_argument("--batch", type=int, default=None, help="mole: images per step (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: current setting)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="run every case in fp32 or under bf16 autocast (default fp32)")
+                        help="run every timed case in fp32 or under bf16 autocast (default fp32)")
+    parser.add_argument("--paper", default="paper_llava15_7b_v1.0",
+                        help="efficiency: preset counted at paper scale (default paper_llava15_7b_v1.0)")
+    parser.add_argument("--embedded", default="demo",
+                        help="efficiency: preset measured on this CPU, or 'none' (default demo)")
+    parser.add_argument("--text-tokens", type=int, default=None, help="efficiency: prompt tokens after the image (64)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = BENCHES[args.which](args)
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0
-    print(" ".join(f"{k}={v}" for k, v in result.get("config", {}).items()))
-    seconds, fastest = result.get("seconds", {}), result.get("min_seconds", {})
-    if seconds:
-        print(f"{'case':<20}{'plain ms':>10}{'mole ms':>10}{'ratio':>8}{'min ratio':>11}")
-        for mode, pair in seconds.items():
-            best = fastest.get(mode)
-            best_ratio = f"{best['mole'] / best['plain']:.3f}" if best else "-"
-            print(f"{mode:<20}{pair['plain'] * 1e3:>10.1f}{pair['mole'] * 1e3:>10.1f}"
-                  f"{pair['mole'] / pair['plain']:>8.3f}{best_ratio:>11}")
-    for key, value in result.items():
-        if key not in ("config", "seconds", "min_seconds", "ratio", "min_ratio"):
-            print(f"{key}: {value}")
+    runner, formatter, plotter = BENCHES[args.which]
+    if args.plot and plotter is None:
+        raise SystemExit(f"movekd bench {args.which}: --plot is not available for this benchmark")
+    result = runner(args)
+    if args.plot:
+        plotter(result, args.plot)
+    print(json.dumps(result, indent=1) if args.json else formatter(result))
+    if args.plot:
+        print(f"plot written to {args.plot}")
     return 0
