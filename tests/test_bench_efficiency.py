@@ -78,3 +78,45 @@ def test_efficiency_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
     with Image.open(plot) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_train_bench_splits_each_step_and_compares_kd_modes(tmp_path, capsys):
+    from movekd.bench.train_step import PARTS, run_train_bench
+
+    config = load_config(tiny_config(tmp_path))
+    result = run_train_bench(config, steps=2, warmup=1)
+    assert set(result["stages"]) == {"pretrain", "finetune"}
+    assert result["matmul_gflops"]["fp32"] > 0 and result["matmul_gflops"]["bf16"] > 0
+    for stage in result["stages"].values():
+        assert set(stage["modes"]) == {"no_kd", "online", "cached"}
+        for mode, values in stage["modes"].items():
+            seconds = values["seconds"]
+            assert all(seconds[p] >= 0 for p in PARTS)
+            assert seconds["student"] > 0 and seconds["llm_forward"] > 0 and seconds["backward"] > 0
+            assert seconds["step"] >= seconds["student"] + seconds["llm_forward"] + seconds["backward"]
+            assert values["flops"] > 0 and values["mfu_bf16"] > 0
+        modes = stage["modes"]
+        assert modes["no_kd"]["seconds"]["teachers"] == 0  # no teacher runs without KD
+        assert modes["online"]["seconds"]["teachers"] > 0
+        assert modes["cached"]["seconds"]["teachers"] == 0  # every output came from the cache
+        # Online KD adds the teachers' forward and the adapters' forward + backward to the count.
+        assert modes["online"]["flops"] > modes["cached"]["flops"] > modes["no_kd"]["flops"]
+        assert stage["online_over_no_kd"] == pytest.approx(modes["online"]["seconds"]["step"] / modes["no_kd"]["seconds"]["step"])
+
+
+def test_flop_counter_counts_cpu_attention_as_on_meta():
+    from movekd.bench.flops import flop_counter
+
+    q = torch.randn(1, 2, 16, 8)
+    counts = {}
+    for device in ("cpu", "meta"):
+        x = q.to(device)
+        with flop_counter() as counter:
+            torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        counts[device] = counter.get_total_flops()
+    assert counts["cpu"] == counts["meta"] == 2 * (2 * 2 * 16 * 16 * 8)  # QK^T and AV, 2 FLOPs per MAC
+    x = q.clone().requires_grad_()
+    with flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(x, x, x).sum().backward()
+    # The flash backward recomputes QK^T: 5 products of that size against the forward's 2.
+    assert counter.get_total_flops() == counts["cpu"] * 7 // 2

@@ -55,10 +55,30 @@ def _plot_efficiency(result: dict, path: str) -> None:
     plot_efficiency(result, path)
 
 
+def _bench_train(args: argparse.Namespace) -> dict:
+    from movekd.bench.train_step import run_train_bench
+
+    return run_train_bench(args.config or "demo", steps=args.repeats or 4, threads=args.threads,
+                           overrides=args.set)
+
+
+def _format_train(result: dict) -> str:
+    from movekd.bench.train_step import format_train_bench
+
+    return format_train_bench(result)
+
+
+def _plot_train(result: dict, path: str) -> None:
+    from movekd.bench.train_step import plot_train_bench
+
+    plot_train_bench(result, path)
+
+
 # name -> (runner, formatter, plotter or None)
 BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[dict], str], Callable | None]] = {
     "mole": (_bench_mole, _format_mole, None),
     "efficiency": (_bench_efficiency, _format_efficiency, _plot_efficiency),
+    "train": (_bench_train, _format_train, _plot_train),
 }
 
 
@@ -72,14 +92,18 @@ def register(subparsers) -> None:
         "mole/plain ratios. 'efficiency': the MoVE-KD student VLM against the multi-encoder VLM it "
         "replaces (every teacher run and concatenated on channels, Eagle-style): FLOPs, parameters and "
         "memory of one prefill counted at paper scale on the meta device, and latency and memory "
-        "measured at the embedded scale on this CPU; ratios are multi / single.",
+        "measured at the embedded scale on this CPU; ratios are multi / single. 'train': each stage's "
+        "training step split into data, teachers, student, LLM forward, the rest of the forward, backward "
+        "and optimiser, without KD, with online teachers and with cached teachers; the step's FLOPs and "
+        "its rate against the fp32 and bf16 matmul rates measured in the same run.",
     )
     parser.add_argument("which", choices=sorted(BENCHES), help="benchmark to run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot (efficiency)")
     parser.add_argument("--tokens", type=int, default=None, help="mole: tokens per image (default 577: CLIP-L/14 at 336)")
     parser.add_argument("--batch", type=int, default=None, help="mole: images per step (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case; the median is reported")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per case (train: steps per stage and mode); the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: current setting)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="run every timed case in fp32 or under bf16 autocast (default fp32)")
@@ -87,6 +111,9 @@ def register(subparsers) -> None:
                         help="efficiency: preset counted at paper scale (default paper_llava15_7b_v1.0)")
     parser.add_argument("--embedded", default="demo",
                         help="efficiency: preset measured on this CPU, or 'none' (default demo)")
+    parser.add_argument("--config", default=None, help="train: preset or YAML to time (default demo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="train: override a config value (repeatable)")
     parser.add_argument("--text-tokens", type=int, default=None, help="efficiency: prompt tokens after the image (64)")
     parser.set_defaults(func=_run)
 
