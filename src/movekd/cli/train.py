@@ -16,9 +16,15 @@ def register(subparsers) -> None:
                         help="override a config value, e.g. --set stages.0.max_steps=10 (repeatable)")
     parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or run folder")
     parser.add_argument("--dry-run", action="store_true",
-                        help="build the whole model on the meta device; print parameters per stage and the "
-                        "FLOPs of one training step (no weights, no data)")
+                        help="build the whole model on the meta device; print parameters per stage, the "
+                        "FLOPs of one training step and the memory per device (no weights, no data)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="with --dry-run: devices (GPUs) of the memory plan (default 1)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "zero2", "zero3"],
+                        help="with --dry-run: strategy of the memory plan (default: the config's `strategy`)")
+    parser.add_argument("--device-memory", type=float, default=80.0, metavar="GB",
+                        help="with --dry-run: memory of one device, in GB (default 80)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--strict", action="store_true",
                         help="refuse data files with any bad sample (sets strict: true on every stage); by "
@@ -36,7 +42,11 @@ def _run(args) -> int:
     if args.dry_run:
         from movekd.train.dry_run import dry_run, format_dry_run
 
-        report = dry_run(config)
+        if args.devices < 1:
+            print(f"error: --devices must be >= 1, got {args.devices}", file=sys.stderr)
+            return 2
+        report = dry_run(config, devices=args.devices, strategy=args.strategy,
+                         device_memory_gb=args.device_memory)
         print(json.dumps(report, indent=1) if args.json else format_dry_run(report))
         return 0
     from movekd.train.loop import train

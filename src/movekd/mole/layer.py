@@ -54,6 +54,13 @@ ROUTINGS = ("sparse", "gated", "dense", "topk")
 _TICKS = itertools.count()  # global order of router-probability records
 
 
+def _recomputing() -> bool:
+    """True inside a backward pass: activation checkpointing re-runs this forward there. The balance
+    loss already holds the first forward's probabilities, so the recomputation must not record again
+    (a second record would be a stale, graph-detached copy kept alive until the next forward)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 class MoLEFFN(nn.Module):
     """Mixture-of-LoRA-Experts FFN wrapping an existing ``fc1 -> act [-> ...] -> fc2 [-> ...]`` MLP.
 
@@ -169,7 +176,8 @@ class MoLEFFN(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
         # Recorded whenever autograd records the router (probs.requires_grad), whatever the module
         # mode: a student run in eval mode (dropout off) still trains its routers by the balance loss.
-        if self.record_probs or probs.requires_grad or (self.training and torch.is_grad_enabled()):
+        # Not during activation checkpointing's recomputation (inside the backward).
+        if self.record_probs or (not _recomputing() and (probs.requires_grad or (self.training and torch.is_grad_enabled()))):
             self.router_probs = probs.view(*lead, self.num_experts)
             # Order stamp for collect_router_probs (a Python counter would force recompiles: skip
             # it under torch.compile, where the root pre-hook alone keeps records fresh).

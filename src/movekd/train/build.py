@@ -132,6 +132,8 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
     if meta:
         projector = projector.to("meta")
     vlm = MoveKDVLM(student.to(device), projector.to(device), llm)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(vlm)
 
     teachers, adapters = [], []
     kd = config.kd
@@ -152,6 +154,19 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
 
     return System(model, tokenizer, config, image_size, projected_tokens(config.model.projector, student.num_tokens),
                   always_frozen)
+
+
+def enable_gradient_checkpointing(vlm: nn.Module) -> None:
+    """Activation checkpointing of every block of the LLM and of the student encoder.
+
+    Non-reentrant checkpointing: the first forward runs with autograd on, so the MoLE router
+    probabilities recorded there stay in the graph for the balance loss, and RNG states (dropout)
+    are replayed in the recomputation, so gradients equal those without checkpointing."""
+    options = {"use_reentrant": False}
+    for name, module in (("llm", vlm.llm), ("student", getattr(vlm.vision, "encoder", None))):
+        if module is None or not getattr(module, "supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: the {name} ({type(module).__name__}) does not support it")
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
 
 
 def _adapter_for(config: TrainConfig, teacher: nn.Module, dim: int, grid: tuple[int, int], device) -> nn.Module:

@@ -209,6 +209,20 @@ class TrainConfig:
     # A folder written by `movekd cache CONFIG` (movekd.train.feature_cache): teacher outputs read
     # from disk; refused if written with other teacher settings or images. None: computed online.
     teacher_cache_dir: Optional[str] = None
+    # Hold and update every trained parameter in float32 (frozen parts keep their loaded dtype;
+    # compute follows `precision`). False with bf16 weights in a stage's `train` is an error.
+    trainable_fp32: bool = True
+    # Recompute the activations of every LLM and student block in the backward instead of storing
+    # them (MoLE layers included): far less activation memory for about one more forward of compute.
+    gradient_checkpointing: bool = False
+    # The multi-GPU strategy this config is planned for (the dry run's memory plan). The strategy a
+    # run uses is the Accelerate config it is launched with (configs/accelerate/); see README.
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
+
+    def __post_init__(self):
+        from movekd.train.precision import check_trainable_dtypes
+
+        check_trainable_dtypes(self)
 
     @property
     def run_dir(self) -> Path:

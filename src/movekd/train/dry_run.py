@@ -44,7 +44,11 @@ def _step_flops(system, text_tokens: int = TEXT_TOKENS) -> dict:
             "image_tokens": int(student_tokens.shape[1]), "text_tokens": text_tokens}
 
 
-def dry_run(config: TrainConfig) -> dict:
+def dry_run(config: TrainConfig, devices: int = 1, strategy: str | None = None,
+            device_memory_gb: float = 80.0) -> dict:
+    """``strategy`` None: the config's ``strategy``."""
+    from movekd.train.memory_plan import memory_plan
+
     system = build_system(config, device="meta")
     stages = []
     for stage in config.stages:
@@ -59,7 +63,8 @@ def dry_run(config: TrainConfig) -> dict:
         flops = {"error": f"{type(error).__name__}: {error}"}
     return {"name": config.name, "parameters": groups, "mole_added_parameters": groups["mole"],
             "stages": stages, "step_flops": flops,
-            "teachers": [t.name for t in system.model.teachers], "student_grid": list(system.model.student_grid)}
+            "teachers": [t.name for t in system.model.teachers], "student_grid": list(system.model.student_grid),
+            "memory": memory_plan(system, strategy or config.strategy, devices, device_memory_gb)}
 
 
 def format_dry_run(report: dict) -> str:
@@ -77,4 +82,7 @@ def format_dry_run(report: dict) -> str:
         lines.append(f"one stage-2 training step (all but the teachers train), 1 sample ({flops['image_tokens']} image + {flops['text_tokens']} text "
                      f"tokens), forward + backward: {flops['total'] / 1e12:.2f} TFLOP "
                      f"(teachers' forward {flops['teachers_forward'] / 1e12:.2f} TFLOP)")
+    from movekd.train.memory_plan import format_memory_plan
+
+    lines += ["", format_memory_plan(report["memory"])]
     return "\n".join(lines)

@@ -47,6 +47,9 @@ class StepLosses:
     kd_per_teacher: list[float] = field(default_factory=list)
     teacher_weights: list[float] = field(default_factory=list)
     expert_usage: list[float] = field(default_factory=list)
+    # items each term is a mean over (supervised tokens, distilled samples, samples): the
+    # collective-safe loop turns the per-rank means into global ones (movekd.train.distributed)
+    counts: dict[str, int] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
         out = {"loss": self.total.item(), "text": self.text.item()}
@@ -114,6 +117,8 @@ class MoveKDModel(nn.Module):
         text = out.loss
         total = text
         losses = StepLosses(total=total, text=text)
+        if out.labels is not None:
+            losses.counts["text"] = int((out.labels[:, 1:] != IGNORE_INDEX).sum())
         student = out.vision
         if not (use_kd and self.kd.enabled):
             return losses
@@ -124,6 +129,7 @@ class MoveKDModel(nn.Module):
         if router_probs:
             balance = balance_loss(router_probs)
             losses.balance = balance
+            losses.counts["balance"] = int(router_probs[0].shape[0])
             total = total + self.kd.lambda_balance * balance
             with torch.no_grad():
                 usage = torch.cat([p.reshape(-1, p.shape[-1]) for p in router_probs]).argmax(-1)
@@ -142,6 +148,7 @@ class MoveKDModel(nn.Module):
                                                     [key for key, s in zip(image_keys, select.tolist()) if s]
                                                     if image_keys is not None else None, text_weight)
                 losses.kd = kd
+                losses.counts["kd"] = int(select.sum())
                 losses.kd_per_teacher = per_teacher
                 losses.teacher_weights = weights
                 total = total + self.kd.lambda_kd * kd

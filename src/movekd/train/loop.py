@@ -24,12 +24,15 @@ from movekd.atomic import atomic_write_text
 from movekd.data import Collator, SkipCounter, check_skip_budget
 from movekd.errors import TrainingInterrupted, UserError
 from movekd.train import checkpoint as ckpt
+from movekd.train import sharding
 from movekd.train.build import System, build_system, stage_dataset
 from movekd.train.config import TrainConfig, config_dict
 from movekd.train.data_check import scan_stages
+from movekd.train.distributed import RankSync, agree_on_step, global_record
 from movekd.train.groups import set_trainable
 from movekd.train.metrics_log import MetricsLog, truncate_metrics
 from movekd.train.optim import build_optimizer, build_scheduler
+from movekd.train.precision import match_checkpoint_dtypes, upcast_trainable
 from movekd.train.sampler import ModalityLengthGroupedBatchSampler, ResumableSampler
 from movekd.train.signals import StopRequest, ignore_stop_signals, stop_on_signals
 
@@ -74,7 +77,40 @@ def make_accelerator(config: TrainConfig):
     # unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # cpu=True when no accelerator is present keeps gloo + CPU autocast; on GPUs nothing changes.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    sharding.enable_cpu_fsdp(accelerator)
+    return accelerator
+
+
+def _inner(optimizer):
+    """The torch optimiser inside Accelerate's wrapper."""
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+
+
+class _StateDict:
+    """An already gathered optimiser state, saved as ``optimizer.state_dict()`` would be."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def _trained_by_any_stage(system: System, config: TrainConfig) -> list[torch.nn.Parameter]:
+    from movekd.train.groups import named_groups
+
+    trained = {g for stage in config.stages for g in stage.train}
+    return [p for g, params in named_groups(system.model).items() if g in trained
+            for name, p in params if name not in system.always_frozen]
+
+
+def _consolidate(accelerator, system: System, prepared) -> None:
+    """Sharded run: full weights back into the model on rank 0 (bundle, checkpoint_weights)."""
+    weights = sharding.full_weights(prepared)
+    if accelerator.is_main_process:
+        sharding.consolidate(system.model, weights)
+    accelerator.wait_for_everyone()
 
 
 def _mean(records: list[dict]) -> dict:
@@ -127,14 +163,27 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
     system = system or build_system(config, device=accelerator.device)
     model = system.model
     if resume_dir is not None:
+        match_checkpoint_dtypes(model, resume_dir / ckpt.WEIGHTS)  # fp32 trained copies stay fp32
         ckpt.load_model_weights(model, resume_dir)
+    sharded = sharding.is_sharded(accelerator)
+    if sharded and resume_dir is not None:
+        raise NotImplementedError(sharding.RESUME_ERROR)
+    launch = {"strategy": sharding.strategy_name(accelerator), "processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
+    log.info("launch: %s", launch)
+    if launch["strategy"] == "deepspeed_zero3":
+        raise NotImplementedError("DeepSpeed ZeRO-3 is not supported (checkpoints would hold partitioned "
+                                  "weights); shard parameters with FSDP: configs/accelerate/fsdp_*.yaml")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(config_dict(config), indent=1))
+        atomic_write_text(run_dir / "launch.json", json.dumps(launch, indent=1))
         if resume_dir is not None:  # steps logged after the checkpoint are run (and logged) again
             truncate_metrics(run_dir, state["global_step"])
     metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
+    ranks = RankSync(accelerator)
     results = [StageResult(**r) for r in state.pop("results", [])]
+    prepared = None
     start_time = time.perf_counter()
     total_steps_done = 0
 
@@ -149,7 +198,11 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         state["stage"] = stage_index
         if not fresh:
             log.info("stage %s: continuing at step %d", stage.name, state["step"])
+        if sharded:  # before the optimiser is built: its parameters must be the sharded ones
+            sharding.shard_model(accelerator, model, _trained_by_any_stage(system, config))
         groups = set_trainable(system, stage.train)
+        if upcast_trainable(groups, keep_dtype=not config.trainable_fp32):
+            log.info("stage %s: half-precision trainable parameters cast to float32", stage.name)
         if accelerator.is_main_process:
             for line in system.describe_trainable(stage.name).splitlines():
                 log.info(line)
@@ -162,13 +215,22 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         total = stage.max_steps or max(1, math.ceil(stage.epochs * len(dataset) / per_step))
         scheduler = build_scheduler(optimizer, total, stage.warmup_ratio, stage.min_lr_ratio)
         if not fresh:
-            optimizer.load_state_dict(ckpt.load_torch_state(resume_dir / "optimizer.pt"))
+            if not sharded:  # under FSDP: after prepare, into the sharded parameters
+                optimizer.load_state_dict(ckpt.load_torch_state(resume_dir / "optimizer.pt"))
             scheduler.load_state_dict(ckpt.load_torch_state(resume_dir / "scheduler.pt"))
         else:
             state.update(step=0, epoch=0, position=0, skips={}, bad_steps=0)
         if resuming_here:
-            ckpt.set_rng_state(state["rng"])
+            # each rank continues its own random stream (dropout masks differ across ranks)
+            per_rank = state.get("rank_rng") or []
+            same_world = len(per_rank) == accelerator.num_processes
+            ckpt.set_rng_state(per_rank[accelerator.process_index] if same_world else state["rng"])
         prepared, optimizer = accelerator.prepare(model, optimizer)
+        if sharded:
+            sharding.after_prepare(prepared)
+            if not fresh:
+                sharding.load_full_optimizer_state(prepared, _inner(optimizer),
+                                                   ckpt.load_torch_state(resume_dir / "optimizer.pt"))
         prepared.train()
         skips = SkipCounter()
         skips.load_state_dict(state["skips"])
@@ -190,13 +252,17 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
 
         def save(tag: str) -> None:
             accelerator.wait_for_everyone()
+            rank_rng = ranks.gather(ckpt.rng_state()) if ranks.active else []
+            if sharded:  # consolidated on rank 0; every rank takes part in the gathers
+                weights = sharding.full_weights(prepared)
+                optimizer_state = _StateDict(sharding.full_optimizer_state(prepared, _inner(optimizer)))
             if accelerator.is_main_process:
-                weights = system.checkpoint_weights()
+                if not sharded:
+                    weights, optimizer_state = system.checkpoint_weights(), _inner(optimizer)
                 trainer_state = {**state, "results": [r.__dict__ for r in results],
-                                 "skips": skips.state_dict()}
+                                 "skips": skips.state_dict(), "rank_rng": rank_rng}
                 folder = ckpt.save_checkpoint(run_dir / "checkpoints" / tag, weights=weights,
-                                              optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                              else optimizer, scheduler=scheduler,
+                                              optimizer=optimizer_state, scheduler=scheduler,
                                               trainer_state=trainer_state, config=config_dict(config))
                 ckpt.prune_checkpoints(run_dir, config.keep_checkpoints, protect=[folder])
             accelerator.wait_for_everyone()
@@ -224,7 +290,9 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
             for batch in loader:
                 state["position"] += stage.batch_size * accelerator.num_processes
                 skips.update(batch)
-                if batch["input_ids"].shape[0] == 0:
+                # Agreed across ranks: a rank with an empty batch makes every rank skip it, so the
+                # gradient all-reduces keep pairing the same micro-batches (movekd.train.distributed).
+                if ranks.any(batch["input_ids"].shape[0] == 0):
                     continue
                 sync = (micro + 1) % stage.grad_accum == 0
                 context = accelerator.no_sync(prepared) if not sync else nullcontext()
@@ -240,7 +308,8 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                         segment_ids=(batch["segment_ids"].to(accelerator.device)
                                      if "segment_ids" in batch else None),
                     )
-                    if not torch.isfinite(losses.total):
+                    losses, finite = agree_on_step(ranks, losses, config.kd.lambda_kd, config.kd.lambda_balance)
+                    if not finite:  # on some rank: every rank skips this step
                         state["bad_steps"] += 1
                         optimizer.zero_grad(set_to_none=True)
                         log.warning("non-finite loss at stage %s step %d (%s); step skipped",
@@ -268,7 +337,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 state["bad_steps"] = 0
                 total_steps_done += 1
                 bar.update()
-                record = _mean(step_records)
+                record = global_record(ranks, _mean(step_records))
                 step_records = []
                 window.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", **({"kd": f"{record['kd']:.3f}"} if "kd" in record else {}))
@@ -307,6 +376,8 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 if stop_now:
                     bar.close()
                     metrics.close()
+                    if sharded:
+                        _consolidate(accelerator, system, prepared)
                     return TrainResult(run_dir, run_dir / "final", results, time.perf_counter() - start_time, system)
                 if state["step"] >= total or out_of_time:
                     stopped_early = out_of_time and state["step"] < total
@@ -335,6 +406,8 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
 
     metrics.close()
     final = run_dir / "final"
+    if sharded and prepared is not None:
+        _consolidate(accelerator, system, prepared)
     if accelerator.is_main_process:
         system.save_inference(final, extra={"train_config": config_dict(config)})
     accelerator.wait_for_everyone()

@@ -31,11 +31,17 @@ class ResumableSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
+    def _end(self) -> int:
+        # Every rank gets the same number of samples (the last ``< world`` are dropped, as
+        # ``DistributedSampler(drop_last=True)``): a rank with one batch more would run a backward
+        # whose gradient all-reduce no other rank joins.
+        return self.start + (self.size - self.start) // self.world * self.world
+
     def __iter__(self):
-        return iter(self.order()[self.start + self.rank::self.world])
+        return iter(self.order()[self.start + self.rank:self._end():self.world])
 
     def __len__(self) -> int:
-        return len(range(self.start + self.rank, self.size, self.world))
+        return len(range(self.start + self.rank, self._end(), self.world))
 
 
 def split_to_even_chunks(indices: list[int], lengths: Mapping[int, int] | Sequence[int],

@@ -1,0 +1,166 @@
+"""Sharded training (FSDP2) through Accelerate: what the MoVE-KD model needs on top of the plugin.
+
+The strategy comes from the Accelerate config the run is launched with (``accelerate launch
+--config_file configs/accelerate/fsdp_1x8.yaml``: ``ACCELERATE_USE_FSDP`` and friends in the
+environment). Plugin options (resharding, CPU offload, mixed-precision policy) are honoured;
+the wrapping is ours:
+
+- **Blocks**: every LLM decoder layer and every student block is its own FSDP unit (all-gathered
+  just before use, freed after), the rest (embeddings, projector, adapters, heads) is in the root unit.
+- **Teachers are replicated, not sharded** (``ignored_params``): they are frozen, run under
+  ``no_grad`` and hold no gradient or optimiser state, so sharding would save only their weights
+  (1.44B bf16 parameters, 2.9 GB at paper scale) at the price of all-gathering them every step. They
+  stay out of the optimiser and of the checkpoints exactly as under DDP.
+- **MoLE top-1 routing** leaves experts that no token chose without gradient on some rank; FSDP2
+  then reduce-scatters zeros for them (``set_reduce_scatter_unused_params``), so every rank joins
+  the same collectives (DDP's ``find_unused_parameters`` plays that role under DDP).
+- **fp32 trained weights**: FSDP2 needs one dtype per unit and never re-shards a changed dtype, so
+  every parameter that *some* stage trains is cast to float32 before wrapping (compute follows the
+  mixed-precision policy / autocast).
+
+Checkpoints hold consolidated (full) weights and a consolidated optimiser state keyed by parameter
+name, gathered on rank 0; the final bundle is written from the consolidated weights and loads in
+one process unchanged. Resuming a sharded run is refused for now (:data:`RESUME_ERROR`): measured
+on 2 CPU processes, the first resumed step's gradients differed from the uninterrupted run's
+(weights 1.4e-4 apart after it) although the loss and the optimiser state matched.
+On CPU (tests), Accelerate does not apply FSDP plugins; :func:`enable_cpu_fsdp` does it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+TEACHERS_PREFIX = "teachers."
+RESUME_ERROR = ("resuming under FSDP is not supported yet (a resumed run was measured to leave the "
+                "uninterrupted trajectory); resume this checkpoint's weights with a fresh run or train under DDP")
+
+
+def strategy_name(accelerator) -> str:
+    """``single``, ``ddp``, ``fsdp2``, ``deepspeed_zero{stage}`` (for logs and the run's launch.json)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed_zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def enable_cpu_fsdp(accelerator) -> None:
+    """Accelerate ignores FSDP on CPU processes (gloo); apply the environment's FSDP plugin anyway."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+            or accelerator.distributed_type != DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The LLM's decoder layers and the student's blocks (never a teacher's)."""
+    from movekd.teachers._hf import block_list
+
+    blocks = []
+    llm_layers = getattr(getattr(model.vlm.llm, model.vlm.llm.base_model_prefix, None), "layers", None)
+    if llm_layers is not None:
+        blocks += list(llm_layers)
+    encoder = getattr(model.vlm.vision, "encoder", None)
+    if encoder is not None:
+        blocks += list(block_list(encoder))
+    return blocks
+
+
+def shard_model(accelerator, model: nn.Module, trained: list[nn.Parameter]) -> None:
+    """Prepare ``model`` for Accelerate's FSDP2 ``prepare``: fp32 trained weights, one unit per block,
+    teachers ignored (replicated), zeros reduce-scattered for unused experts. Idempotent."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"fsdp_version {plugin.fsdp_version} in the Accelerate config: movekd shards with FSDP2 "
+                         "(fsdp_version: 2, torch >= 2.6); use the shipped configs/accelerate/fsdp_*.yaml")
+    if isinstance(model, FSDPModule):
+        return
+    for p in trained:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    options = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+               "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    for block in _blocks(model):
+        fully_shard(block, **options)
+    plugin.ignored_modules = [model.teachers]
+    plugin.auto_wrap_policy = None  # the blocks are wrapped above; Accelerate wraps the root
+    plugin.cpu_ram_efficient_loading = False
+
+
+def after_prepare(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_reduce_scatter_unused_params(True)
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Consolidated weights without the teachers, on rank 0 (empty elsewhere). Every rank must call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if not k.startswith(TEACHERS_PREFIX)}
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    """Consolidated optimiser state keyed by parameter name, on rank 0. Every rank must call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Load a state of :func:`full_optimizer_state` into the optimiser of the sharded ``model``:
+    each rank keeps its shard of every moment tensor (same placement as the parameter)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    saved_state = state["state"]
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for p in group["params"]:
+            saved = saved_state.get(name_of[id(p)])
+            if saved is None:
+                continue
+
+            def place(value, p=p):
+                if not isinstance(value, torch.Tensor) or value.dim() == 0 or not isinstance(p, DTensor):
+                    return value
+                return distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+
+            optimizer.state[p] = {k: place(v) for k, v in saved.items()}
+
+
+def consolidate(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put the consolidated ``weights`` back into ``model`` as plain tensors (rank 0, after training),
+    so the inference bundle and ``checkpoint_weights`` see full weights. The model is not meant
+    for further sharded training afterwards."""
+    for name, value in weights.items():
+        value = value.detach().clone()  # gathered tensors may be views of one flat buffer
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        elif attr in module._buffers:
+            module._buffers[attr] = value
