@@ -12,6 +12,16 @@ from movekd.train.loop import train
 from train_fixtures import tiny_config
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: earlier tests made it fp32, these run bf16 autocast."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def _finetune_llm_only(tmp_path, **top):
     config = tiny_config(tmp_path, steps=(3, 3), precision="bf16")
     config["model"]["llm_dtype"] = "bfloat16"

@@ -8,6 +8,8 @@ the attention kernel is not counted).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,7 +51,10 @@ def dry_run(config: TrainConfig, devices: int = 1, strategy: str | None = None,
     """``strategy`` None: the config's ``strategy``."""
     from movekd.train.memory_plan import memory_plan
 
-    system = build_system(config, device="meta")
+    # FLOPs are counted without activation checkpointing (its recomputation needs real RNG states;
+    # the memory plan below still reads the config's setting)
+    system = build_system(dataclasses.replace(config, gradient_checkpointing=False), device="meta")
+    system.config = config
     stages = []
     for stage in config.stages:
         rows = system.parameter_rows(stage.train)
