@@ -107,12 +107,15 @@ def test_an_empty_batch_on_one_rank_keeps_every_rank_on_the_same_step(tmp_path):
         stage["batch_size"] = 1
     pretrain = Path(config["stages"][0]["data"])
     samples = json.loads(pretrain.read_text())
-    # The images of rank 0's first two stage-1 samples are missing: rank 0's first two batches are
+    # The images of rank 0's first two stage-1 samples are unreadable: rank 0's first two batches are
     # empty, rank 1's are not. Alone, rank 0 would draw two batches more than rank 1 and their
     # gradient all-reduces would pair different steps.
+    # Corrupt files (present, so the data scan keeps the samples; unreadable when decoded).
     order = ResumableSampler(len(samples), config["seed"], rank=0, world=2).order()
     for index in order[0:4:2]:
-        (pretrain.parent / samples[index]["image"]).unlink()
+        (pretrain.parent / samples[index]["image"]).write_bytes(b"not an image")
+    for stage in config["stages"]:
+        stage["max_skip_ratio"] = 0.5
     ranks = run_workers(config, tmp_path / "out")
     assert ranks[0]["steps"] == ranks[1]["steps"] == [4, 2]
     assert sum(ranks[0]["skipped"]) > 0
