@@ -22,3 +22,13 @@ def test_baseline_of_a_name_templated_folder_differs_by_name():
     config = load_config("demo")
     assert "{name}" in config.output_dir
     assert baseline_config(config).run_dir != config.run_dir
+
+
+def test_demo_table_shows_the_student_probe_row():
+    from movekd.demo import format_results
+
+    run = {"accuracy": 0.5, "per_type": {"color": 0.5}, "stages": []}
+    text = format_results({"movekd": run, "baseline": run, "per_type": {"color": 0.5}, "n_test": 2, "minutes": 1.0,
+                           "probe": {"dataset": "easyvqa-colour", "MoVE-KD": {"linear": 0.91, "knn": 0.72},
+                                     "baseline": {"linear": 0.88, "knn": 0.70}}})
+    assert "MoVE-KD        linear 0.910  kNN 0.720" in text and "baseline       linear 0.880" in text

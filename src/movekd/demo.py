@@ -85,9 +85,22 @@ def run_demo(out: str | Path = "runs/demo", *, compare: bool = False, overrides:
         "assets_seconds": round(sum(a.seconds for a in assets), 2),
         "config": config_dict(config),
     }
+    if baseline:
+        results["probe"] = probe_students(movekd["run_dir"], baseline["run_dir"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     return results
+
+
+def probe_students(movekd_run: str | Path, baseline_run: str | Path, dataset: str = "easyvqa-colour") -> dict:
+    """Linear / kNN probe of the MoVE-KD student and the baseline's (frozen: the student before
+    distillation) on easy-vqa colours: did the student gain what the teachers know?"""
+    from movekd.probe import probe
+
+    result = probe([str(movekd_run), str(baseline_run)], dataset, n_train=500, n_test=250, seed=0)
+    names = ("MoVE-KD", "baseline")
+    return {"dataset": dataset, **{name: {"linear": row["linear"], "knn": row["knn"]}
+                                   for name, row in zip(names, result["rows"])}}
 
 
 def format_results(results: dict) -> str:
@@ -109,5 +122,11 @@ def format_results(results: dict) -> str:
     if prior:
         lines.append(f"{'answer prior':<14} {prior['accuracy']:>6.3f} "
                      + " ".join(f"{prior['per_type'].get(t, 0):>7.3f}" for t in types))
+    probe = results.get("probe")
+    if probe:
+        lines.append("")
+        lines.append(f"student probe on {probe['dataset']} (frozen features; baseline = before distillation)")
+        for name in ("MoVE-KD", "baseline"):
+            lines.append(f"{name:<14} linear {probe[name]['linear']:.3f}  kNN {probe[name]['knn']:.3f}")
     lines.append(f"total minutes: {results['minutes']:.1f}")
     return "\n".join(lines)
