@@ -92,3 +92,12 @@ def test_cli_probes_a_trained_run(tmp_path, capsys):
     assert result["dataset"]["train"] == 40
     assert main(["probe", "no-such-model", "--dataset", "squares"]) == 2
     assert "unknown encoder 'no-such-model'" in capsys.readouterr().err
+
+
+def test_encoder_names_take_a_size_and_bad_ones_are_named():
+    from movekd.probe import load_encoder
+
+    with pytest.raises(ValueError, match="after '@' must be a positive integer"):
+        load_encoder("student:dinov2_s14_imgfocus@big")
+    with pytest.raises(ValueError, match="unknown encoder 'nope@84'"):
+        load_encoder("nope@84")

@@ -56,17 +56,25 @@ def load_trained_student(path: str | Path) -> nn.Module:
 
 
 def load_encoder(name: str) -> Encoder:
+    """``name``: see the module docstring; a preset may end in ``@SIZE`` (input side, e.g.
+    ``student:dinov2_s14_imgfocus@84``, the demo's student input)."""
     from movekd.student import build_student
     from movekd.teachers import create_teacher, list_presets
 
-    if name.startswith(STUDENT_PREFIX):
-        return Encoder(name, "student", build_student(name[len(STUDENT_PREFIX):], mole=False).eval())
     if bundle_path(name) is not None:
         return Encoder(name, "trained", load_trained_student(name))
-    if name in list_presets():
-        return Encoder(name, "teacher", create_teacher(name))
+    preset, _, size = name.partition("@")
+    overrides = {}
+    if size:
+        if not size.isdigit() or int(size) <= 0:
+            raise ValueError(f"encoder {name!r}: the size after '@' must be a positive integer")
+        overrides["image_size"] = int(size)
+    if preset.startswith(STUDENT_PREFIX):
+        return Encoder(name, "student", build_student(preset[len(STUDENT_PREFIX):], mole=False, **overrides).eval())
+    if preset in list_presets():
+        return Encoder(name, "teacher", create_teacher(preset, **overrides))
     raise ValueError(f"unknown encoder {name!r}: expected a teacher preset ({', '.join(list_presets())}), "
-                     f"'{STUDENT_PREFIX}PRESET', or a bundle / run folder")
+                     f"'{STUDENT_PREFIX}PRESET', either with an optional '@SIZE', or a bundle / run folder")
 
 
 def pooled_features(module: nn.Module, images: torch.Tensor, batch_size: int = 32,
