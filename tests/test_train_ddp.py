@@ -169,3 +169,11 @@ def test_fsdp_checkpoints_mid_stage_and_refuses_to_resume_rather_than_drift(tmp_
     assert set(optimizer["state"]) <= set(weights)  # keyed by parameter name
     with pytest.raises(AssertionError, match="resuming under FSDP is not supported"):
         run_workers(config, tmp_path / "out2", env=FSDP_ENV, args=(config["output_dir"],))
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_a_first_stage_that_trains_the_llm(tmp_path):
+    config = tiny_config(tmp_path, steps=(1, 1))
+    config["stages"] = config["stages"][1:]
+    with pytest.raises(AssertionError, match="first stage this process runs must not train the llm"):
+        run_workers(config, tmp_path / "out", env=FSDP_ENV)
