@@ -99,11 +99,16 @@ class System:
 
     def save_inference(self, path: Path, extra: dict | None = None) -> Path:
         """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters. The
-        bundle's config carries the last stage's prompt format and the run's image decoding."""
+        bundle's config carries the last stage's prompt format and the run's image decoding. LoRA
+        adapters of the LLM (``model.llm_lora``) are merged into its weights first, in place: the
+        bundle holds a plain transformers LLM."""
+        from movekd.train.llm_lora import has_llm_lora, merge_llm_lora
         from movekd.train.config import config_dict
         from movekd.vlm import config_for, save_vlm
         from movekd.vlm.config import settings_from_train_config
 
+        if has_llm_lora(self.model.vlm.llm):
+            log.info("merged LoRA into %d LLM layers", merge_llm_lora(self.model.vlm.llm))
         settings = {**settings_from_train_config(config_dict(self.config)), "image_size": self.image_size}
         return save_vlm(self.model.vlm, path, tokenizer=self.tokenizer, config=config_for(self.model.vlm, **settings),
                         extra=extra, overwrite=True)
@@ -128,6 +133,11 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
                                 mole_every_block=config.model.student.mole_every_block)
     always_frozen = {f"vlm.vision.{n}" for n, p in student.named_parameters() if not p.requires_grad}
     llm, tokenizer = load_llm(config, device)
+    if config.model.llm_lora is not None:
+        from movekd.train.llm_lora import add_llm_lora
+
+        # the LLM's own weights never train; only its adapters form the "llm" group's trainable part
+        always_frozen |= {f"vlm.llm.{n}" for n in add_llm_lora(llm, config.model.llm_lora)}
     projector = build_projector(config.model.projector, student.hidden_size, llm.config.hidden_size)
     if meta:
         projector = projector.to("meta")

@@ -65,6 +65,28 @@ class StudentConfig:
 
 
 @dataclass
+class LLMLoraConfig:
+    """LoRA adapters on the LLM (movekd.train.llm_lora): a stage training ``llm`` trains only them.
+    Defaults: LLaVA's finetune_lora.sh (rank 128, alpha 256, all linear layers but the head)."""
+
+    rank: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    # peft's target_modules: "all-linear" or module names ("q_proj", "v_proj", ...)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+
+
+@dataclass
 class ModelConfig:
     student: StudentConfig
     # Index 0 plays the CLIP role: it gives the [CLS] attention (Eq. 3) and CLS state (Eq. 4).
@@ -79,6 +101,8 @@ class ModelConfig:
     # "eager" is faster than "sdpa" for short sequences on CPU (measured: 2.0 vs 2.7 s per SmolLM2
     # training step at batch 8 x 90 tokens, bf16); use "sdpa" or "flash_attention_2" on GPUs.
     llm_attn_implementation: str = "sdpa"
+    # LoRA on the LLM instead of training its weights (null: off); see movekd.train.llm_lora.
+    llm_lora: Optional[LLMLoraConfig] = None
 
     def __post_init__(self):
         self.teachers = [resolve_spec_ref(t) for t in self.teachers]

@@ -5,7 +5,8 @@ weight of magnitude 0.03 (spacing 1.2e-4) never moves, nor does any RMSNorm gain
 each stage the parameters that stage trains are cast to float32 (the "fp32 copy": compute still
 runs in ``precision`` under autocast, as DeepSpeed's and FSDP's mixed precision do with their master
 weights); frozen parts (teachers, the LLM in stage 1) stay in their loaded dtype to save memory.
-``trainable_fp32: false`` keeps the loaded dtype; then a stage that would train half-precision
+With ``model.llm_lora`` the LLM's own weights never train (they may stay bf16): only its LoRA
+adapters do, created in float32 (movekd.train.llm_lora). ``trainable_fp32: false`` keeps the loaded dtype; then a stage that would train half-precision
 weights is an error naming the key that sets their dtype.
 """
 
@@ -22,7 +23,8 @@ DTYPE_KEYS = {"llm": "model.llm_dtype", "student": "model.student.spec.dtype",
 
 def check_trainable_dtypes(config) -> None:
     """Config-level check (no model needed): bf16/fp16 LLM weights trained without an fp32 copy."""
-    if config.trainable_fp32 or config.model.llm_dtype == "float32":
+    # with model.llm_lora only the LoRA adapters of the LLM train, and they are always float32
+    if config.trainable_fp32 or config.model.llm_dtype == "float32" or config.model.llm_lora is not None:
         return
     for index, stage in enumerate(config.stages):
         if "llm" in stage.train:

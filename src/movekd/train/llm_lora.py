@@ -1,0 +1,71 @@
+"""LoRA on the LLM (``model.llm_lora``): the memory-light alternative to training all its weights.
+
+As LLaVA's ``scripts/v1_5/finetune_lora.sh`` (rank 128, alpha 256, every linear layer of the LLM but
+the output head): low-rank adapters are injected into the LLM with ``peft`` when the system is built;
+the LLM's own weights then never train (they stay in ``model.llm_dtype``, e.g. bf16), and a stage
+whose ``train`` names ``llm`` trains only the adapters, which are held in float32 (so AdamW's small
+updates are kept, as movekd.train.precision requires) and form the ``llm`` parameter group (its
+``lrs.llm`` applies to them). Checkpoints hold the adapters, so a run resumes exactly. At the end
+they are merged into the LLM's weights (W + B·A·alpha/rank) and removed, so the inference bundle is a
+plain transformers LLM: ``movekd eval``/``chat``/``export`` load it without ``peft``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# peft names every adapter parameter ``...lora_A.<adapter>.weight`` / ``lora_B`` (and lora_embedding_*)
+LORA_MARK = "lora_"
+
+
+def is_lora_parameter(name: str) -> bool:
+    return LORA_MARK in name
+
+
+def add_llm_lora(llm: nn.Module, lora) -> set[str]:
+    """Inject ``lora`` (an ``LLMLoraConfig``) into ``llm`` in place; return the names (relative to
+    ``llm``) of the LLM's own parameters, which stay frozen from now on."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from movekd.config.loader import ConfigError
+
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, bias="none")
+    try:
+        inject_adapter_in_model(peft_config, llm)
+    except ValueError as error:  # e.g. no module of the LLM matches target_modules
+        raise ConfigError(f"'model.llm_lora.target_modules' ({lora.target_modules!r}): {error}") from error
+    frozen = set()
+    for name, p in llm.named_parameters():
+        if is_lora_parameter(name):
+            p.data = p.data.float()  # trained: fp32 whatever the LLM's dtype (precision.py)
+        else:
+            frozen.add(name)
+            p.requires_grad_(False)
+    return frozen
+
+
+def has_llm_lora(llm: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in llm.modules())
+
+
+@torch.no_grad()
+def merge_llm_lora(llm: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer (in the base weight's dtype) and put the plain base
+    layer back in its place; return how many layers were merged. The LLM is then peft-free."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(llm.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = llm.get_submodule(parent_name) if parent_name else llm
+        setattr(parent, child, module.get_base_layer())
+        merged += 1
+    llm.__dict__.pop("peft_config", None)  # set by peft's injection on the instance, if at all
+    return merged
