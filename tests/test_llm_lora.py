@@ -123,8 +123,8 @@ def test_paper_preset_with_llava_lora_plan():
 
     plans = {}
     for lora in (True, False):
-        config = load_config("paper_llava15_7b_v1.0",
-                             ["model.llm_lora.rank=128", "model.llm_lora.alpha=256"] if lora else [])
+        config = load_config("paper_llava15_7b_v1.0", ["strategy=ddp"] + (
+            ["model.llm_lora.rank=128", "model.llm_lora.alpha=256"] if lora else []))
         system = build_system(config, device="meta")
         rows = {g: (on, off) for g, on, off in system.parameter_rows(config.stages[1].train)}
         plans[lora] = memory_plan(system, "ddp", 8, 80.0)["stages"][1]["per_device_gb"]
@@ -141,6 +141,7 @@ def test_paper_preset_with_llava_lora_plan():
     (["model.llm_lora.rank=0"], "'model.llm_lora': rank must be >= 1"),
     (["model.llm_lora.dropout=1.5"], "'model.llm_lora': dropout must be in"),
     (["model.llm_lora=8"], "'model.llm_lora' must be a mapping"),
+    (["model.llm_lora={}", "strategy=fsdp"], "strategy is fsdp but model.llm_lora is set"),
 ])
 def test_lora_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -247,6 +247,10 @@ class TrainConfig:
         from movekd.train.precision import check_trainable_dtypes
 
         check_trainable_dtypes(self)
+        if self.model.llm_lora is not None and self.strategy == "fsdp":
+            raise ValueError("strategy is fsdp but model.llm_lora is set: LoRA on the LLM is not supported "
+                             "under FSDP; set strategy: ddp or zero2 (the frozen LLM then needs no gradients "
+                             "or optimiser states, so DDP fits)")
 
     @property
     def run_dir(self) -> Path:

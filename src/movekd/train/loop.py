@@ -168,6 +168,8 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
     sharded = sharding.is_sharded(accelerator)
     if sharded and resume_dir is not None:
         raise NotImplementedError(sharding.RESUME_ERROR)
+    if sharded and config.model.llm_lora is not None:
+        raise NotImplementedError(sharding.LORA_ERROR)
     if sharded and "llm" in config.stages[state["stage"]].train:
         raise NotImplementedError(sharding.FIRST_STAGE_LLM_ERROR)
     launch = {"strategy": sharding.strategy_name(accelerator), "processes": accelerator.num_processes,

@@ -15,6 +15,10 @@ Counted from the model built on the meta device (real parameter counts and dtype
   layer of the LLM (and the student's blocks when the student trains), the attention itself by a
   fused kernel (no L² scores); with checkpointing one h-wide input per layer plus one layer's full
   set during its recomputation. Supervised logits in fp32, all positions assumed supervised.
+- ``model.llm_lora``: the LLM's own weights are frozen (counted in their dtype in ``parameters``,
+  no gradients, Adam moments or master copies); its fp32 LoRA adapters count as trained. The
+  activations are those of the full-weight run (backward still crosses every LLM layer; the
+  adapters' rank-r intermediates are negligible).
 - ``runtime``: a fixed 2 GB for the CUDA context, allocator fragmentation and communication buffers.
 
 These are estimates for planning (±20%); they assume the longest sequence in every sample.
@@ -117,6 +121,10 @@ def memory_plan(system, strategy: str, devices: int, device_memory_gb: float) ->
     """Every stage's per-device estimate; ``per_device_gb`` is the most demanding stage's."""
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
+    if strategy == "fsdp" and system.config.model.llm_lora is not None:
+        from movekd.train.sharding import LORA_ERROR
+
+        raise ValueError(LORA_ERROR)
     stages = []
     for stage in system.config.stages:
         gb = stage_memory(system, stage, strategy, devices)

@@ -41,6 +41,10 @@ FIRST_STAGE_LLM_ERROR = (
     "stage trained everything was measured 6e-4 away from the one-process run (2 CPU processes; cause "
     "not found), while a stage-1 (llm frozen) then stage-2 run matches to 1e-5. Start from a stage that "
     "keeps the llm frozen, or train under DDP / DeepSpeed ZeRO-2")
+LORA_ERROR = ("model.llm_lora under FSDP is not supported: a decoder layer would hold bf16 frozen weights "
+              "and fp32 LoRA adapters in one FSDP2 unit (one dtype per unit), and it was never run; train "
+              "LoRA under DDP or DeepSpeed ZeRO-2 (with LoRA the LLM has no gradients or optimiser states, "
+              "so DDP fits: see README, LoRA on the LLM)")
 RESUME_ERROR = ("resuming under FSDP is not supported yet (a resumed run was measured to leave the "
                 "uninterrupted trajectory); resume this checkpoint's weights with a fresh run or train under DDP")
 
