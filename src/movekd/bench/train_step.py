@@ -206,7 +206,6 @@ def plot_train_bench(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, bottoms = [], []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bars = [(stage, mode, values) for stage, s in result["stages"].items() for mode, values in s["modes"].items()]
     bottoms = [0.0] * len(bars)
