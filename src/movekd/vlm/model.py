@@ -40,11 +40,13 @@ def infer_padding_side(attention_mask: torch.Tensor) -> str:
     return "left" if attention_mask.shape[1] and not bool(attention_mask[:, 0].all()) else "right"
 
 
-def _expanded_positions(is_img: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+def _expanded_positions(is_img: torch.Tensor, num_image_tokens: int | torch.Tensor) -> torch.Tensor:
     """``[B, L]`` new position of every old position once each placeholder (``is_img``) becomes
-    ``num_image_tokens`` positions: shifted by N-1 for each placeholder before it (right-aligned
-    layout; left padding adds its own offset)."""
+    ``num_image_tokens`` positions (an int, or ``[B]`` per row: AnyRes images differ in length):
+    shifted by N-1 for each placeholder before it (right-aligned layout; left padding adds its own offset)."""
     before = torch.cumsum(is_img.long(), 1) - is_img.long()
+    if isinstance(num_image_tokens, torch.Tensor):
+        num_image_tokens = num_image_tokens.unsqueeze(1)
     return torch.arange(is_img.shape[1], device=is_img.device).unsqueeze(0) + before * (num_image_tokens - 1)
 
 
@@ -56,7 +58,8 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     Args:
         text_embeds: ``[B, L, D]`` embeddings of ``input_ids`` (placeholder rows are ignored).
         input_ids, attention_mask, labels: ``[B, L]``.
-        image_embeds: ``[B, N, D]`` projected image tokens, one image per sample (None if no placeholders).
+        image_embeds: ``[B, N, D]`` projected image tokens, one image per sample, or a list of B
+            ``[N_b, D]`` (AnyRes: a length per image); None if there are no placeholders.
         padding_side: ``"right"``, ``"left"`` or None (inferred from ``attention_mask``).
 
     Returns:
@@ -70,11 +73,14 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     if bool(counts.any()):
         if image_embeds is None:
             raise ValueError("input_ids contain image placeholders but no images were given")
-        if image_embeds.shape[0] != B:
-            raise ValueError(f"expected one image per sample ({B}), got {image_embeds.shape[0]}")
-    N = image_embeds.shape[1] if image_embeds is not None else 1
+        if len(image_embeds) != B:
+            raise ValueError(f"expected one image per sample ({B}), got {len(image_embeds)}")
     device = text_embeds.device
-
+    if isinstance(image_embeds, (list, tuple)):
+        N = torch.tensor([len(e) for e in image_embeds], dtype=torch.long, device=device)
+        image_embeds = nn.utils.rnn.pad_sequence(list(image_embeds), batch_first=True) if B else None
+    else:
+        N = image_embeds.shape[1] if image_embeds is not None else 1
     new_pos = _expanded_positions(is_img, N)
     new_len = L + counts * (N - 1)
     L_new = int(new_len.max()) if B else L
@@ -95,10 +101,16 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     if image_embeds is not None:
         b_idx, j_idx = is_img.nonzero(as_tuple=True)  # one row per placeholder
         if b_idx.numel():
-            pos = new_pos[b_idx, j_idx].unsqueeze(1) + torch.arange(N, device=device)  # [P, N]
+            offsets = torch.arange(image_embeds.shape[1], device=device)
+            pos = new_pos[b_idx, j_idx].unsqueeze(1) + offsets  # [P, N_max]
             b_rows = b_idx.unsqueeze(1).expand_as(pos)
-            embeds[b_rows, pos] = image_embeds[b_idx].to(embeds.dtype)
-            mask[b_rows, pos] = attention_mask[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+            values = image_embeds[b_idx].to(embeds.dtype)
+            fill = attention_mask[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+            if isinstance(N, torch.Tensor):  # variable lengths: the first N_b positions are image tokens
+                valid = offsets < N[b_idx].unsqueeze(1)
+                b_rows, pos, values, fill = b_rows[valid], pos[valid], values[valid], fill[valid]
+            embeds[b_rows, pos] = values
+            mask[b_rows, pos] = fill
         else:
             # No placeholder used: keep the vision graph connected (DDP unused-parameter checks)
             # with an exact zero, as LLaVA does with image_features[0:0].
@@ -169,14 +181,19 @@ class MoveKDVLM(nn.Module):
         image_token_index: the placeholder id in ``input_ids``.
         config: the bundle's :class:`movekd.vlm.config.VLMConfig` (prompt format, image decoding,
             precision), set by :meth:`from_pretrained` and written by :meth:`save_pretrained`.
+        anyres: a :class:`movekd.vlm.anyres.AnyResPacker` (LLaVA-NeXT tiling: ``image_newline`` and the
+            grid); needed to run :class:`movekd.data.anyres.AnyResImages`, which may then be passed
+            wherever ``images`` is.
     """
 
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, *,
-                 vision_config: dict | None = None, image_token_index: int = IMAGE_TOKEN_INDEX, config=None):
+                 vision_config: dict | None = None, image_token_index: int = IMAGE_TOKEN_INDEX, config=None,
+                 anyres: nn.Module | None = None):
         super().__init__()
         self.vision = vision
         self.projector = projector
         self.llm = llm
+        self.anyres = anyres
         if vision_config is None:  # a plain-dict ``vision.config`` is taken as the rebuild recipe
             vision_config = getattr(vision, "config", None)
             vision_config = vision_config if isinstance(vision_config, dict) else {}
@@ -198,12 +215,22 @@ class MoveKDVLM(nn.Module):
 
         return load_vlm(path, build_vision, dtype=dtype, device=device, **llm_kwargs)
 
-    def encode_images(self, images: torch.Tensor):
-        """Run the vision module and the projector: ``(vision_output, image_embeds [B,N,D_llm])``."""
-        vision_out = self.vision(images)
+    def encode_images(self, images):
+        """Run the vision module and the projector: ``(vision_output, image_embeds [B,N,D_llm])``.
+
+        AnyRes images (:class:`movekd.data.anyres.AnyResImages`): every crop is a batch item of the
+        vision module (``vision_output.tokens`` is ``[C, N, D_v]``), and ``image_embeds`` is a list of
+        one packed ``[N_b, D_llm]`` sequence per image (:meth:`movekd.vlm.anyres.AnyResPacker.pack`)."""
+        from movekd.data.anyres import AnyResImages
+
+        anyres = isinstance(images, AnyResImages)
+        if anyres and self.anyres is None:
+            raise ValueError("AnyRes images given to a VLM built without anyres (image_grid_pinpoints / image_newline)")
+        vision_out = self.vision(images.crops if anyres else images)
         tokens = vision_out.tokens
         proj_dtype = next((p.dtype for p in self.projector.parameters()), tokens.dtype)
-        return vision_out, self.projector(tokens.to(proj_dtype))
+        embeds = self.projector(tokens.to(proj_dtype))
+        return vision_out, (self.anyres.pack(embeds, images) if anyres else embeds)
 
     def prepare_inputs(self, images, input_ids, attention_mask=None, labels=None, *, padding_side=None,
                        segment_ids=None):
@@ -219,6 +246,8 @@ class MoveKDVLM(nn.Module):
         merged = merge_image_tokens(text_embeds, input_ids, attention_mask, labels, image_embeds,
                                     image_token_index=self.image_token_index, padding_side=padding_side)
         if segment_ids is not None:
+            if isinstance(image_embeds, list):
+                raise ValueError("shared-prefix training (group_by_image) does not support AnyRes images")
             embeds, mask, _, new_labels = merged
             num_image_tokens = image_embeds.shape[1] if image_embeds is not None else 1
             segments = expand_segment_ids(segment_ids.masked_fill(attention_mask == 0, -1), input_ids,
