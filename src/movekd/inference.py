@@ -51,6 +51,11 @@ class LoadedVLM:
         self.config = self.config.replace(image_aspect_ratio=mode)
 
     @property
+    def grid_pinpoints(self) -> list[list[int]] | None:
+        """The AnyRes grid of an ``anyres`` bundle (:mod:`movekd.data.anyres`)."""
+        return self.config.image_grid_pinpoints
+
+    @property
     def precision(self) -> str:
         return self.precision_override or self.config.precision
 
@@ -104,7 +109,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", precision
 
 
 def read_query_image(image_path: str | Path, size: int = 16, image_aspect_ratio: str = "stretch",
-                     fill: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+                     fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None):
     """A user's image as ``uint8 [3, size, size]``; :class:`~movekd.errors.ImageError` naming the file
     when it is missing or cannot be decoded (call it before loading a model to fail fast)."""
     from movekd.data import read_image
@@ -114,7 +119,7 @@ def read_query_image(image_path: str | Path, size: int = 16, image_aspect_ratio:
     if not image_path.is_file():
         raise ImageError(f"image not found: {image_path}")
     try:
-        return read_image(image_path, size, image_aspect_ratio, fill)
+        return read_image(image_path, size, image_aspect_ratio, fill, grid_pinpoints)
     except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated files, ...
         raise ImageError(f"cannot read image {image_path}: {type(error).__name__}: {error}") from error
 
@@ -123,7 +128,10 @@ def answer(loaded: LoadedVLM, image_path: str | Path, question: str, max_new_tok
     """Greedy answer to one question about one image."""
     from movekd.data import ConversationEncoder
 
-    image = read_query_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill)[None]
+    image = read_query_image(image_path, loaded.image_size, loaded.image_aspect_ratio, loaded.fill,
+                             loaded.grid_pinpoints)
+    if isinstance(image, torch.Tensor):
+        image = image[None]
     encoder = ConversationEncoder(loaded.tokenizer, loaded.template, system_prompt=loaded.system_prompt,
                                   bos=loaded.bos)
     prompt = encoder.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}], has_image=True)

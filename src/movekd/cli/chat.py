@@ -10,7 +10,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad"),
+    parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad", "anyres"),
                         help="how the image becomes a square (default: as the bundle was trained)")
     parser.add_argument("--no-fold", action="store_true",
                         help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")

@@ -50,7 +50,8 @@ class Collator:
     """``collate_fn`` for a DataLoader.
 
     Returns ``{"input_ids" [B,L], "attention_mask" [B,L], "labels" [B,L] (if the items have labels),
-    "images" uint8 [B,3,H,W], "has_image" bool [B], "ids", "indices", "skipped"}``, plus
+    "images" uint8 [B,3,H,W] (AnyRes: :class:`movekd.data.anyres.AnyResImages`), "has_image" bool [B],
+    "ids", "indices", "skipped"}``, plus
     ``"segment_ids" [B,L]`` (padding -1) when items are shared-prefix groups.
     """
 
@@ -67,7 +68,9 @@ class Collator:
         ids = [it["input_ids"] for it in items]
         input_ids = pad_sequences(ids, self.pad_token_id, self.padding_side)
         attention_mask = pad_sequences([torch.ones(len(s), dtype=torch.long) for s in ids], 0, self.padding_side)
-        if items:
+        if items and not isinstance(items[0]["image"], torch.Tensor):  # AnyRes: crops of every image
+            images = type(items[0]["image"]).cat([it["image"] for it in items])
+        elif items:
             images = torch.stack([it["image"] for it in items])
         else:
             side = self.image_size or 0

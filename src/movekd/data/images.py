@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGE_ASPECT_RATIOS = ("stretch", "square", "pad")
+IMAGE_ASPECT_RATIOS = ("stretch", "square", "pad", "anyres")
 
 
 def fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
@@ -56,12 +56,22 @@ def _to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def prepare_image(img, mode: str, fill: Sequence[int], size: int) -> torch.Tensor:
+def prepare_image(img, mode: str, fill: Sequence[int], size: int, grid_pinpoints=None):
     """An RGB PIL image → ``uint8 [3, size, size]`` by ``mode`` (see the module docstring).
 
-    ``fill``: the ``pad`` colour in 0..255 (:func:`fill_colour` of the student's mean).
+    ``fill``: the ``pad`` colour in 0..255 (:func:`fill_colour` of the student's mean). ``"anyres"``
+    returns :class:`movekd.data.anyres.AnyResImages` of one image instead: its overview and tiles at
+    ``size`` (the crop side) for ``grid_pinpoints``.
     """
     from movekd.teachers.preprocess import _resize, shortest_side_size
+
+    if mode == "anyres":
+        from movekd.data.anyres import AnyResImages, anyres_crops
+
+        if not grid_pinpoints:
+            raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints")
+        image = _to_tensor(img)
+        return AnyResImages.single(anyres_crops(image, grid_pinpoints, size), tuple(image.shape[-2:]))
 
     if mode == "stretch":
         from PIL import Image

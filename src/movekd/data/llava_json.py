@@ -286,14 +286,15 @@ def validate_samples(samples: list, *, source: str = "<samples>", require_answer
 
 # ------------------------------------------------------------------------------------------- images
 def read_image(path: str | os.PathLike, size: int, image_aspect_ratio: str = "stretch",
-               fill: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+               fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None):
     """Decode with PIL, convert to RGB, bring to ``size × size`` by ``image_aspect_ratio`` (stretch,
-    square or pad with ``fill``: :func:`movekd.data.images.prepare_image`) → ``uint8 [3, size, size]``."""
+    square or pad with ``fill``: :func:`movekd.data.images.prepare_image`) → ``uint8 [3, size, size]``;
+    ``anyres``: :class:`movekd.data.anyres.AnyResImages` (overview + tiles of side ``size``)."""
     from PIL import Image
 
     with Image.open(path) as img:
         img = img.convert("RGB")
-    return prepare_image(img, image_aspect_ratio, fill, size)
+    return prepare_image(img, image_aspect_ratio, fill, size, grid_pinpoints)
 
 
 def resolve_image(sample: dict, image_root: str | os.PathLike) -> Path:
@@ -350,18 +351,22 @@ class LlavaDataset(Dataset):
         max_questions_per_image: split larger groups into chunks of this many questions.
         image_aspect_ratio: ``"stretch"``, ``"square"`` or ``"pad"`` (:mod:`movekd.data.images`).
         fill: the ``pad`` colour, 0..255 (LLaVA: the student processor's mean).
+        grid_pinpoints: the AnyRes grid (``image_aspect_ratio="anyres"``; ``image_size`` is then the crop side).
     """
 
     def __init__(self, samples: list[dict], encoder: ConversationEncoder, *, image_root: str | os.PathLike = ".",
                  image_size: int = 224, prompt_only: bool = False, group_by_image: bool = False,
                  max_questions_per_image: int | None = None, image_aspect_ratio: str = "stretch",
-                 fill: tuple[int, int, int] = (0, 0, 0)):
+                 fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None):
         if group_by_image and prompt_only:
             raise ValueError("group_by_image is for training; prompts for generation are one per sample")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; expected one of "
                              f"{', '.join(IMAGE_ASPECT_RATIOS)}")
+        if image_aspect_ratio == "anyres" and not grid_pinpoints:
+            raise ValueError("image_aspect_ratio 'anyres' needs grid_pinpoints")
         self.image_aspect_ratio = image_aspect_ratio
+        self.grid_pinpoints = grid_pinpoints
         self.fill = tuple(fill)
         self.samples = samples
         self.groups = shared_prefix.group_by_image(samples, max_questions_per_image) if group_by_image else None
@@ -421,9 +426,13 @@ class LlavaDataset(Dataset):
             if not path.is_file():
                 return self._skip(index, sample, "missing_image", str(path))
             try:
-                image = read_image(path, self.image_size, self.image_aspect_ratio, self.fill)
+                image = read_image(path, self.image_size, self.image_aspect_ratio, self.fill, self.grid_pinpoints)
             except Exception as err:  # PIL raises many types for truncated / non-image files
                 return self._skip(index, sample, "bad_image", f"{path}: {type(err).__name__}: {err}")
+        elif self.image_aspect_ratio == "anyres":
+            from movekd.data.anyres import AnyResImages
+
+            image = AnyResImages.blank(self.image_size)
         else:
             image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "image": image, "has_image": has_image,

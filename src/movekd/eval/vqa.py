@@ -65,7 +65,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
                  encoder: ConversationEncoder | None = None, system_prompt: str | None = None,
                  bos: str = "auto", first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
                  image_aspect_ratio: str = "stretch", fill: tuple[int, int, int] = (0, 0, 0),
-                 **generate_kwargs) -> dict:
+                 grid_pinpoints=None, **generate_kwargs) -> dict:
     """Batched greedy generation on ``samples`` and exact-match accuracy.
 
     Args:
@@ -77,6 +77,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
             (it must match training).
         image_size: the square resize used in training.
         image_aspect_ratio / fill: how images become squares (:mod:`movekd.data.images`), as in training.
+        grid_pinpoints: the AnyRes grid when ``image_aspect_ratio="anyres"`` (``image_size``: the crop side).
 
     Returns:
         ``{"accuracy", "correct", "n", "skipped", "per_type": {type: {"accuracy", "correct", "n"}}}``,
@@ -86,7 +87,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     if encoder is None:
         encoder = ConversationEncoder(tokenizer, template, system_prompt=system_prompt, bos=bos)
     dataset = LlavaDataset(samples, encoder, image_root=image_root, image_size=image_size, prompt_only=True,
-                           image_aspect_ratio=image_aspect_ratio, fill=fill)
+                           image_aspect_ratio=image_aspect_ratio, fill=fill, grid_pinpoints=grid_pinpoints)
     pad_id = pad_token_id_of(tokenizer)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=Collator(pad_id, padding_side="left", image_size=image_size))

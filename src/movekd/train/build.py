@@ -97,6 +97,12 @@ class System:
 
         return state_dict_without_teachers(self.model)
 
+    def stage_num_image_tokens(self, stage: StageConfig) -> int:
+        """Tokens an image placeholder becomes in ``stage`` (AnyRes: the most any image can take)."""
+        if stage.image_aspect_ratio == "anyres":
+            return self.model.vlm.anyres.max_tokens()
+        return self.num_image_tokens
+
     def save_inference(self, path: Path, extra: dict | None = None) -> Path:
         """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters. The
         bundle's config carries the last stage's prompt format and the run's image decoding. LoRA
@@ -110,6 +116,8 @@ class System:
         if has_llm_lora(self.model.vlm.llm):
             log.info("merged LoRA into %d LLM layers", merge_llm_lora(self.model.vlm.llm))
         settings = {**settings_from_train_config(config_dict(self.config)), "image_size": self.image_size}
+        if self.model.vlm.anyres is not None:
+            settings["image_grid_pinpoints"] = self.model.vlm.anyres.pinpoints
         return save_vlm(self.model.vlm, path, tokenizer=self.tokenizer, config=config_for(self.model.vlm, **settings),
                         extra=extra, overwrite=True)
 
@@ -141,7 +149,15 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
     projector = build_projector(config.model.projector, student.hidden_size, llm.config.hidden_size)
     if meta:
         projector = projector.to("meta")
-    vlm = MoveKDVLM(student.to(device), projector.to(device), llm)
+    anyres = None
+    if config.uses_anyres:
+        from movekd.vlm.anyres import AnyResPacker
+
+        with torch.device("meta") if meta else torch.device("cpu"):
+            anyres = AnyResPacker(config.model.grid_pinpoints, student.spec.image_size,
+                                  student.spec.image_size // student.patch_size, llm.config.hidden_size)
+        anyres = anyres.to(device)
+    vlm = MoveKDVLM(student.to(device), projector.to(device), llm, anyres=anyres)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(vlm)
 
@@ -225,10 +241,15 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig,
     if stage.max_samples is not None and stage.max_samples < len(samples):
         samples = random.Random(config.seed).sample(samples, stage.max_samples)
     encoder = ConversationEncoder(system.tokenizer, stage.template, max_length=stage.max_length,
-                                  num_image_tokens=system.num_image_tokens, system_prompt=stage.system_prompt,
-                                  bos=stage.bos)
-    return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=system.image_size,
+                                  num_image_tokens=system.stage_num_image_tokens(stage),
+                                  system_prompt=stage.system_prompt, bos=stage.bos)
+    anyres = stage.image_aspect_ratio == "anyres"
+    # AnyRes crops are at the student's input size (HF LLaVA-NeXT's tiles are the vision tower's
+    # input); the teachers resize each crop to their own input, as they resize the square otherwise.
+    image_size = config.model.student.spec.image_size if anyres else system.image_size
+    return StageDataset(LlavaDataset(samples, encoder, image_root=root, image_size=image_size,
                                      group_by_image=stage.group_by_image,
                                      max_questions_per_image=stage.max_questions_per_image,
                                      image_aspect_ratio=stage.image_aspect_ratio,
-                                     fill=fill_colour(config.model.student.spec.mean)))
+                                     fill=fill_colour(config.model.student.spec.mean),
+                                     grid_pinpoints=config.model.grid_pinpoints if anyres else None))

@@ -103,9 +103,24 @@ class ModelConfig:
     llm_attn_implementation: str = "sdpa"
     # LoRA on the LLM instead of training its weights (null: off); see movekd.train.llm_lora.
     llm_lora: Optional[LLMLoraConfig] = None
+    # LLaVA-NeXT AnyRes (stages or eval with image_aspect_ratio: anyres): the [height, width]
+    # resolutions an image may be tiled to, multiples of the student's image_size. null: LLaVA-NeXT's
+    # default grid (1x2, 2x1, 2x2, 3x1, 1x3 crops) at the student's size (movekd.data.anyres).
+    image_grid_pinpoints: Optional[list[list[int]]] = None
 
     def __post_init__(self):
         self.teachers = [resolve_spec_ref(t) for t in self.teachers]
+        if self.image_grid_pinpoints is not None:
+            from movekd.data.anyres import check_pinpoints
+
+            self.image_grid_pinpoints = check_pinpoints(self.image_grid_pinpoints, self.student.spec.image_size)
+
+    @property
+    def grid_pinpoints(self) -> list[list[int]]:
+        """``image_grid_pinpoints``, or LLaVA-NeXT's default grid at the student's input size."""
+        from movekd.data.anyres import default_pinpoints
+
+        return self.image_grid_pinpoints or default_pinpoints(self.student.spec.image_size)
 
 
 @dataclass
@@ -133,6 +148,10 @@ class KDConfig:
     # Official batch-level hack: re-softmax the non-CLIP weights when a teacher's batch-mean weight
     # exceeds this; null turns it off (the paper has no such step).
     teacher_weight_flatten_threshold: Optional[float] = 0.8
+    # AnyRes stages (docs/method.md "KD under AnyRes"): distil the overview and every tile, each crop
+    # a batch item of the student and the teachers with its own Eq. 3/4 weights ("all_crops"), or
+    # the overview only ("overview": the teachers run on one crop per image instead of up to 1+9).
+    anyres_distill: Literal["all_crops", "overview"] = "all_crops"
 
     def __post_init__(self):
         if self.text_token_weight_temperature <= 0:
@@ -175,8 +194,9 @@ class StageConfig:
     kd: bool = True  # KD and balance losses active in this stage (both stages in the paper)
     # How images become squares, once for the student and every teacher (movekd.data.images):
     # "stretch" (resize, aspect ratio lost), "square" (shortest side + centre crop: LLaVA's default,
-    # official stage 1), "pad" (expand2square with the student's mean colour: official stage 2).
-    image_aspect_ratio: Literal["stretch", "square", "pad"] = "stretch"
+    # official stage 1), "pad" (expand2square with the student's mean colour: official stage 2),
+    # "anyres" (LLaVA-NeXT: an overview plus tiles at the student's size, model.image_grid_pinpoints).
+    image_aspect_ratio: Literal["stretch", "square", "pad", "anyres"] = "stretch"
     # LLaVA's LengthGroupedSampler with modality grouping (official stage 2): per-device batches of
     # only image or only text-only samples, grouped by length (movekd.train.sampler).
     group_by_modality_length: bool = False
@@ -209,7 +229,7 @@ class EvalConfig:
     system_prompt: Optional[str] = None
     bos: Optional[Literal["auto", "always", "never"]] = None
     # None: the bundle's (the last training stage's, or its eval section's); LLaVA evaluates with "pad".
-    image_aspect_ratio: Optional[Literal["stretch", "square", "pad"]] = None
+    image_aspect_ratio: Optional[Literal["stretch", "square", "pad", "anyres"]] = None
     # Training split used for the answer-prior baseline (most frequent answer per question type).
     prior_data: Optional[str] = None
 
@@ -247,10 +267,25 @@ class TrainConfig:
         from movekd.train.precision import check_trainable_dtypes
 
         check_trainable_dtypes(self)
+        anyres = [s.name for s in self.stages if s.image_aspect_ratio == "anyres"]
+        if anyres:
+            grouped = [s.name for s in self.stages if s.image_aspect_ratio == "anyres" and s.group_by_image]
+            if grouped:
+                raise ValueError(f"stages.{grouped[0]}: group_by_image does not support image_aspect_ratio: anyres "
+                                 "(images of different tile counts cannot share one prefix layout)")
+            if self.teacher_cache_dir is not None and self.kd.enabled:
+                raise ValueError(f"teacher_cache_dir: the disk cache of `movekd cache` does not hold AnyRes crops "
+                                 f"(stage {anyres[0]}); use the in-run cache (teacher_cache: true) instead")
         if self.model.llm_lora is not None and self.strategy == "fsdp":
             raise ValueError("strategy is fsdp but model.llm_lora is set: LoRA on the LLM is not supported "
                              "under FSDP; set strategy: ddp or zero2 (the frozen LLM then needs no gradients "
                              "or optimiser states, so DDP fits)")
+
+    @property
+    def uses_anyres(self) -> bool:
+        """A stage or the evaluation tiles images (the VLM then has an ``image_newline``)."""
+        return any(s.image_aspect_ratio == "anyres" for s in self.stages) or (
+            self.eval is not None and self.eval.image_aspect_ratio == "anyres")
 
     @property
     def run_dir(self) -> Path:

@@ -28,15 +28,19 @@ def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> di
     from movekd.eval.vqa import answer_prior_baseline, evaluate_vqa
 
     samples, root = eval_samples(config)
+    mode = config.image_aspect_ratio or loaded.image_aspect_ratio
+    if mode == "anyres" and not loaded.grid_pinpoints:
+        raise ValueError("eval image_aspect_ratio 'anyres': the model was not trained with anyres (its bundle has "
+                         "no image_grid_pinpoints / image_newline)")
     with loaded.autocast():
         result = evaluate_vqa(loaded.vlm, loaded.tokenizer, samples, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, image_root=root,
                               template=config.template or loaded.template,
                               system_prompt=loaded.system_prompt if config.system_prompt is None else config.system_prompt,
                               bos=config.bos or loaded.bos,
-                              image_size=loaded.image_size, return_predictions=return_predictions,
-                              image_aspect_ratio=config.image_aspect_ratio or loaded.image_aspect_ratio,
-                              fill=loaded.fill)
+                              image_size=loaded.config.replace(image_aspect_ratio=mode).decode_size,
+                              return_predictions=return_predictions, image_aspect_ratio=mode, fill=loaded.fill,
+                              grid_pinpoints=loaded.grid_pinpoints)
     if config.prior_data:
         prior = answer_prior_baseline(load_llava_json(resolve_path(config.prior_data)), samples)
         result["prior"] = {"accuracy": prior["accuracy"],

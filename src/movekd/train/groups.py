@@ -24,6 +24,8 @@ def named_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
         groups["mole" if id(p) in mole_ids else "student"].append((f"vlm.vision.{name}", p))
     groups["adapters"] = [(f"adapters.{n}", p) for n, p in model.adapters.named_parameters()]
     groups["projector"] = [(f"vlm.projector.{n}", p) for n, p in model.vlm.projector.named_parameters()]
+    if getattr(model.vlm, "anyres", None) is not None:  # image_newline trains with the projector (LLaVA-NeXT)
+        groups["projector"] += [(f"vlm.anyres.{n}", p) for n, p in model.vlm.anyres.named_parameters()]
     groups["llm"] = [(f"vlm.llm.{n}", p) for n, p in model.vlm.llm.named_parameters()]
     return groups
 

@@ -137,16 +137,27 @@ class MoveKDModel(nn.Module):
                 losses.expert_usage = (counts / counts.sum()).tolist()
 
         if len(self.teachers):
-            select = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            crops, sample_of, crop_index = self._kd_items(images)
+            select = torch.ones(len(sample_of), dtype=torch.bool, device=crops.device)
             if has_image is not None and not self.kd.kd_on_text_only:
-                select = has_image.to(images.device).bool()
+                select = has_image.to(crops.device).bool()[sample_of]
+            if crop_index is not None and self.kd.anyres_distill == "overview":
+                select = select & (crop_index == 0)
             if select.any():
                 text_weight = None
                 if self.kd.token_weight and self.kd.token_weight_source == "text":
-                    text_weight = self._text_token_weight(student.tokens, input_ids, attention_mask, labels)[select]
-                kd, per_teacher, weights = self._kd(student.tokens[select], images[select],
-                                                    [key for key, s in zip(image_keys, select.tolist()) if s]
-                                                    if image_keys is not None else None, text_weight)
+                    # each crop weighted by its own sample's prompt
+                    text_weight = self._text_token_weight(student.tokens, input_ids[sample_of],
+                                                          attention_mask[sample_of], labels[sample_of])[select]
+                keys = None
+                if image_keys is not None:  # cache keys: one per crop under AnyRes
+                    picked = select.nonzero().flatten().tolist()
+                    samples = sample_of.tolist()
+                    keys = [image_keys[samples[i]] for i in picked]
+                    if crop_index is not None:
+                        crop = crop_index.tolist()
+                        keys = [f"{key}#{crop[i]}" for key, i in zip(keys, picked)]
+                kd, per_teacher, weights = self._kd(student.tokens[select], crops[select], keys, text_weight)
                 losses.kd = kd
                 losses.counts["kd"] = int(select.sum())
                 losses.kd_per_teacher = per_teacher
@@ -154,6 +165,19 @@ class MoveKDModel(nn.Module):
                 total = total + self.kd.lambda_kd * kd
         losses.total = total
         return losses
+
+    @staticmethod
+    def _kd_items(images):
+        """The items KD runs on: ``(images [I,3,H,W], sample of each item [I], crop index or None)``.
+        A plain batch: one item per sample. AnyRes: every crop is an item (overview = crop 0), so the
+        teachers see exactly the crop the student saw and Eq. 3/4 are computed per crop."""
+        from movekd.data.anyres import AnyResImages
+
+        if not isinstance(images, AnyResImages):
+            return images, torch.arange(images.shape[0], device=images.device), None
+        sample_of = images.image_of_crop().to(images.device)
+        starts = (torch.cumsum(images.crop_counts, 0) - images.crop_counts).to(images.device)
+        return images.crops, sample_of, torch.arange(len(sample_of), device=images.device) - starts[sample_of]
 
     def _check_adapter_input(self, k: int, tokens: Tensor, grid) -> None:
         """Teacher k's tokens must have the channels (and, for a fixed-grid adapter, the token count)

@@ -38,8 +38,11 @@ class VLMConfig:
     # Side of the square images are decoded to before the vision module's own preprocessing (the
     # trainer's ``image_size``); None: the vision module's input size.
     image_size: Optional[int] = None
-    # How a non-square image becomes that square (movekd.data.images: stretch | square | pad).
-    image_aspect_ratio: Literal["stretch", "square", "pad"] = "stretch"
+    # How a non-square image becomes that square (movekd.data.images: stretch | square | pad), or
+    # "anyres": LLaVA-NeXT tiles at the vision input size (movekd.data.anyres).
+    image_aspect_ratio: Literal["stretch", "square", "pad", "anyres"] = "stretch"
+    # AnyRes grid ([height, width] resolutions); set when the VLM has an image_newline (anyres.safetensors).
+    image_grid_pinpoints: Optional[list[list[int]]] = None
     template: Literal["plain", "chat", "v1"] = "chat"
     bos: Literal["auto", "always", "never"] = "auto"
     # As in training: None keeps the chat template's default system message, "" an empty one.
@@ -47,6 +50,11 @@ class VLMConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: str = "sdpa"
     image_token_index: int = IMAGE_TOKEN_INDEX
+
+    def __post_init__(self):
+        if self.image_aspect_ratio == "anyres" and not self.image_grid_pinpoints:
+            raise ValueError("image_aspect_ratio 'anyres' needs image_grid_pinpoints (a VLM trained with anyres "
+                             "has them in its bundle)")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VLMConfig":
@@ -67,7 +75,9 @@ class VLMConfig:
 
     @property
     def decode_size(self) -> int:
-        size = self.image_size or self.vision_input_size
+        """The square images are decoded to; under anyres the crop side, i.e. the vision input size."""
+        size = (self.vision_input_size if self.image_aspect_ratio == "anyres" else None) or self.image_size \
+            or self.vision_input_size
         if not size:
             raise ValueError("VLMConfig: image_size is not set and the vision recipe has no spec.image_size")
         return int(size)
@@ -98,6 +108,8 @@ def config_for(vlm, **settings: Any) -> VLMConfig:
     projector = getattr(vlm.projector, "config", None)
     if not projector:
         raise ValueError("vlm.projector has no .config; build it with movekd.vlm.build_projector")
+    if getattr(vlm, "anyres", None) is not None:
+        settings.setdefault("image_grid_pinpoints", vlm.anyres.pinpoints)
     return VLMConfig(vision=dict(vlm.vision_config), projector=ProjectorConfig(**projector),
                      image_token_index=vlm.image_token_index, **settings)
 

@@ -8,6 +8,8 @@ Layout of a bundle folder::
                              template / bos / system prompt, precision, attention implementation)
     vision.safetensors      state dict of ``vlm.vision``
     projector.safetensors   state dict of ``vlm.projector``
+    anyres.safetensors      ``image_newline`` (LLaVA-NeXT AnyRes VLMs only; the grid is
+                            ``image_grid_pinpoints`` in the config)
     llm/                    the LLM in Hugging Face format (``save_pretrained``, safetensors),
                             plus the tokenizer when one is given: ``AutoModelForCausalLM`` /
                             ``AutoTokenizer.from_pretrained(bundle / "llm")`` work on their own.
@@ -43,6 +45,7 @@ from movekd.vlm.projector import build_projector
 CONFIG_NAME = "movekd_config.json"
 VISION_FILE = "vision.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
+ANYRES_FILE = "anyres.safetensors"
 LLM_DIR = "llm"
 FORMAT = "movekd-vlm"
 FORMAT_VERSION = 2
@@ -63,6 +66,8 @@ def save_vlm(vlm: MoveKDVLM, path: str | os.PathLike, *, tokenizer=None, config:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     config = config or getattr(vlm, "config", None) or config_for(vlm)
+    if (getattr(vlm, "anyres", None) is not None) != bool(config.image_grid_pinpoints):
+        raise ValueError("save_vlm: the VLM's anyres packer and config.image_grid_pinpoints must come together")
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "movekd_version": __version__,
                 **config.to_dict(), "extra": extra or {}}
     config_text = json.dumps(document, indent=2, sort_keys=True)  # fails here, before any write, if not JSON-able
@@ -70,6 +75,8 @@ def save_vlm(vlm: MoveKDVLM, path: str | os.PathLike, *, tokenizer=None, config:
         metadata = {"format": "pt"}
         save_model(vlm.vision, str(tmp / VISION_FILE), metadata=metadata)
         save_model(vlm.projector, str(tmp / PROJECTOR_FILE), metadata=metadata)
+        if getattr(vlm, "anyres", None) is not None:
+            save_model(vlm.anyres, str(tmp / ANYRES_FILE), metadata=metadata)
         vlm.llm.save_pretrained(tmp / LLM_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / LLM_DIR)
@@ -128,8 +135,15 @@ def load_vlm(path: str | os.PathLike, build_vision: Callable[[dict], nn.Module] 
     load_model(projector, str(path / PROJECTOR_FILE), strict=True)
     llm_kwargs.setdefault("attn_implementation", config.attn_implementation)
     llm = AutoModelForCausalLM.from_pretrained(path / LLM_DIR, **llm_kwargs)
+    anyres = None
+    if config.image_grid_pinpoints:
+        from movekd.vlm.anyres import AnyResPacker
+
+        crop = config.vision_input_size
+        anyres = AnyResPacker(config.image_grid_pinpoints, crop, crop // int(vision.patch_size), pcfg.out_dim)
+        load_model(anyres, str(path / ANYRES_FILE), strict=True)
     vlm = MoveKDVLM(vision, projector, llm, vision_config=config.vision, image_token_index=config.image_token_index,
-                    config=config)
+                    config=config, anyres=anyres)
     if dtype is not None or device is not None:
         vlm.to(device=device, dtype=dtype)
     return vlm.eval()
