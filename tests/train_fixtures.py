@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,40 @@ def tiny_config(tmp: Path, *, steps=(6, 6), kd=True, mole=True, routing="gated",
         "eval": {"data": str(train), "max_samples": None, "batch_size": 6, "max_new_tokens": 3,
                  "prior_data": str(train)},
     }
+
+
+CANVASES = [(32, 64), (64, 32), (48, 48), (32, 96), (40, 70)]  # (height, width): several tile grids
+
+
+def write_canvas_dataset(root: Path) -> Path:
+    """Coloured squares on white canvases of several aspect ratios; 'what color is the shape?'."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for c, (colour, rgb) in enumerate(COLOURS.items()):
+        for i, (h, w) in enumerate(CANVASES):
+            arr = np.full((h, w, 3), 255, np.uint8)
+            y, x = int(rng.integers(0, h - 12)), int(rng.integers(0, w - 12))
+            arr[y:y + 12, x:x + 12] = rgb
+            rel = f"canvas/{colour}{i}.png"
+            (root / "canvas").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / rel)
+            samples.append({"id": f"a-{colour}{i}", "image": rel, "type": "color", "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": colour}]})
+    samples.append({"id": "text-only", "conversations": [  # a text-only sample: one blank crop, no KD
+        {"from": "human", "value": "what is a circle?"}, {"from": "gpt", "value": "a shape"}]})
+    path = root / "anyres.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def anyres_config(tmp: Path, distill: str = "all_crops", steps: int = 8) -> dict:
+    raw = tiny_config(tmp, steps=(steps, steps))
+    data = write_canvas_dataset(tmp / "data")
+    stage = {**raw["stages"][1], "data": str(data), "image_aspect_ratio": "anyres", "max_steps": steps,
+             "batch_size": 4, "max_length": 128, "lr": 2e-3}
+    raw["stages"] = [stage]
+    raw["kd"] = {"enabled": True, "anyres_distill": distill}
+    raw["eval"] = {"data": str(data), "max_samples": None, "batch_size": 4, "max_new_tokens": 2}
+    return raw

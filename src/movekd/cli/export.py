@@ -14,7 +14,9 @@ def register(subparsers) -> None:
         "into plain FFNs so the folder loads in stock transformers (lossy: the cost is measured and printed).")
     parser.add_argument("checkpoint", help="inference bundle or run folder")
     parser.add_argument("out", help="output folder")
-    parser.add_argument("--format", default="hf-llava", choices=["hf-llava"])
+    parser.add_argument("--format", default="hf-llava", choices=["hf-llava", "hf-llava-next"],
+                        help="hf-llava: LlavaForConditionalGeneration; hf-llava-next: LlavaNextForConditionalGeneration "
+                        "(AnyRes tiling, for bundles trained with image_aspect_ratio: anyres)")
     parser.add_argument("--merge", default="none", choices=["none", "mean", "usage"],
                         help="none: exact (movekd_student type); mean: average of the experts; usage: experts "
                         "weighted by their measured usage on --calib (default: none)")
@@ -36,9 +38,9 @@ def _run(args) -> int:
 
     result = export_hf_llava(args.checkpoint, args.out, merge=args.merge, calib=args.calib,
                              eval_data=args.eval_data, eval_samples=args.eval_samples,
-                             calib_images=args.calib_images, overwrite=args.overwrite,
+                             calib_images=args.calib_images, overwrite=args.overwrite, format=args.format,
                              progress=lambda message: print(message, file=sys.stderr))
-    print(f"exported {args.checkpoint} -> {result.path} (hf-llava, merge {result.merge}, "
+    print(f"exported {args.checkpoint} -> {result.path} ({args.format}, merge {result.merge}, "
           f"{result.num_image_tokens} image tokens, vision_feature_layer {result.vision_feature_layer})")
     cost = result.cost
     if "bundle" in cost:

@@ -38,7 +38,7 @@ from movekd.export.merge import MERGES, expert_usage, feature_distance, merge_we
 log = logging.getLogger(__name__)
 
 EXPORT_INFO = "movekd_export.json"
-FORMATS = ("hf-llava",)
+FORMATS = ("hf-llava", "hf-llava-next")
 _PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}
 _STOCK_VISION = {"hf_dinov2": ("Dinov2Config", "Dinov2Model"), "hf_clip": ("CLIPVisionConfig", "CLIPVisionModel")}
 _FINAL_NORMS = {"hf_dinov2": "layernorm", "hf_clip": "post_layernorm"}
@@ -61,9 +61,9 @@ class ExportResult:
 
 def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 256, batch_size: int = 16,
                         image_root: str | Path | None = None, image_aspect_ratio: str = "stretch",
-                        fill: tuple[int, int, int] = (0, 0, 0)) -> list[torch.Tensor]:
+                        fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None) -> list[torch.Tensor]:
     """The distinct images of a LLaVA JSON (a path or ``asset:easyvqa/test.json``), decoded as movekd
-    decodes them, in uint8 batches."""
+    decodes them, in uint8 batches (AnyRes: every crop of each image is an item)."""
     from movekd.data import load_llava_json, read_image
     from movekd.data.llava_json import resolve_image
 
@@ -79,7 +79,8 @@ def calibration_batches(data: str | Path, image_size: int, *, max_images: int = 
         file = resolve_image(sample, root)
         if not file.is_file():
             raise FileNotFoundError(2, f"{data}: image not found", str(file))
-        images.append(read_image(file, image_size, image_aspect_ratio, fill))
+        image = read_image(file, image_size, image_aspect_ratio, fill, grid_pinpoints)
+        images.extend(image.crops if image_aspect_ratio == "anyres" else [image])
         if len(images) >= max_images:
             break
     if not images:
@@ -194,9 +195,13 @@ def _projector_state(proj: nn.Module, kind: str) -> dict[str, torch.Tensor]:
 
 def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none", calib: str | Path | None = None,
                     eval_data: str | Path | None = None, eval_samples: int | None = 500, calib_images: int = 256,
-                    overwrite: bool = False, measure: bool = True,
+                    overwrite: bool = False, measure: bool = True, format: str = "hf-llava",
                     progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export the bundle (or run folder) ``source`` to the HF LLaVA folder ``out`` (written atomically).
+
+    ``format``: ``"hf-llava"`` (``LlavaForConditionalGeneration``) or ``"hf-llava-next"``
+    (``LlavaNextForConditionalGeneration``, for bundles trained with ``image_aspect_ratio: anyres``;
+    :mod:`movekd.export.hf_llava_next`).
 
     ``merge``: ``"none"`` (exact, needs movekd to load), ``"mean"`` or ``"usage"`` (stock
     transformers; ``usage`` needs ``calib``, a LLaVA JSON whose images measure the expert usage).
@@ -208,6 +213,8 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
     from movekd.vlm import MoveKDVLM
 
     say = progress or (lambda message: None)
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if merge not in ("none", *MERGES):
         raise ExportError(f"unknown merge {merge!r}; expected none, {', '.join(MERGES)}")
     if merge == "usage" and calib is None:
@@ -219,9 +226,18 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
     loaded = load_trained(bundle, fold_experts=False)
     vlm, config = loaded.vlm, loaded.config
     _check_mappable(vlm)
+    next_format = format == "hf-llava-next"
+    if next_format:
+        from movekd.export.hf_llava_next import check_next_exportable
+
+        check_next_exportable(vlm)
+    elif config.image_aspect_ratio == "anyres":
+        raise ExportError("export hf-llava: the bundle tiles images (image_aspect_ratio: anyres), which "
+                          "LlavaForConditionalGeneration cannot; use --format hf-llava-next")
     student = vlm.vision
     batches = calibration_batches(calib, config.decode_size, max_images=calib_images,
-                                  image_aspect_ratio=config.image_aspect_ratio, fill=loaded.fill) if calib else None
+                                  image_aspect_ratio=config.image_aspect_ratio, fill=loaded.fill,
+                                  grid_pinpoints=config.image_grid_pinpoints) if calib else None
 
     cost: dict = {}
     usage = None
@@ -234,7 +250,8 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
         plain = merged_student(student, merge_weights(student, merge, usage))
         tower = stock_vision_tower(plain)
         if measure:
-            merged_vlm = MoveKDVLM(plain, vlm.projector, vlm.llm, config=config.replace(vision=plain.config))
+            merged_vlm = MoveKDVLM(plain, vlm.projector, vlm.llm, config=config.replace(vision=plain.config),
+                                   anyres=vlm.anyres)
             if eval_data is not None:
                 say(f"measuring accuracy on {eval_data} (bundle, then merged)")
                 cost = _accuracy_cost(loaded, merged_vlm, eval_data, eval_samples)
@@ -246,12 +263,19 @@ def export_hf_llava(source: str | Path, out: str | Path, *, merge: str = "none",
     from movekd.export.card import model_card
     from movekd.export.processor import build_processor
 
-    processor, image_token_id = build_processor(loaded.tokenizer, config, patch_size=student.patch_size)
-    say("assembling the LLaVA model")
-    hf = build_hf_llava(vlm, tower, image_token_id)
+    if next_format:
+        from movekd.export.hf_llava_next import build_hf_llava_next, build_processor_next
+
+        processor, image_token_id = build_processor_next(loaded.tokenizer, config, patch_size=student.patch_size)
+        say("assembling the LLaVA-NeXT model")
+        hf = build_hf_llava_next(vlm, tower, image_token_id)
+    else:
+        processor, image_token_id = build_processor(loaded.tokenizer, config, patch_size=student.patch_size)
+        say("assembling the LLaVA model")
+        hf = build_hf_llava(vlm, tower, image_token_id)
     result = ExportResult(out, merge, image_token_id, student.num_tokens, student.select_layer, cost,
                           {k: v.tolist() for k, v in usage.items()} if usage else None)
-    info = {"format": "movekd-hf-llava", "format_version": 1, "merge": merge, "source": str(bundle),
+    info = {"format": "movekd-" + format, "format_version": 1, "merge": merge, "source": str(bundle),
             "vlm": config.to_dict(), "cost": cost, "expert_usage": result.usage,
             "image_token_id": image_token_id}
     train_config = _train_config(bundle)
