@@ -2,19 +2,13 @@
 
 Several frozen vision encoders (teachers) are distilled into one student encoder of a LLaVA-style
 vision-language model; at inference only the student runs.
+
+Importing the package is light (no torch, no transformers); the exact export's ``movekd_student``
+HF type is registered with transformers when transformers is imported (:mod:`movekd._hf_registration`).
 """
 
 __version__ = "0.1.0"
 
+from movekd._hf_registration import arrange_registration as _arrange_registration
 
-def _register_with_transformers() -> None:
-    # The exact export's vision tower (model_type "movekd_student") loads through AutoConfig/AutoModel
-    # once movekd is imported, without trust_remote_code.
-    try:
-        import transformers  # noqa: F401
-    except ImportError:  # pragma: no cover - transformers is a dependency; keep `import movekd` light without it
-        return
-    from movekd.export import hf_student  # noqa: F401
-
-
-_register_with_transformers()
+_arrange_registration()
