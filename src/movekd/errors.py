@@ -18,6 +18,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class OptionError(UserError, ValueError):
+    """A command argument or option value that is not one of those accepted (the message lists them)."""
+
+
 class DataError(UserError, ValueError):
     """A data file that cannot be used: missing, malformed, or with too many bad samples."""
 

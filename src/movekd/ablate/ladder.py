@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from movekd.errors import OptionError
+
 Delta = Callable[[dict], None]
 
 
@@ -99,7 +101,7 @@ def row_config(data: dict, row: str, seed: int, out_dir: str) -> dict:
     import copy
 
     if row not in ROWS:
-        raise ValueError(f"unknown ablation row {row!r}; rows: {', '.join(ROWS)}")
+        raise OptionError(f"unknown ablation row {row!r}; rows: {', '.join(ROWS)}")
     data = copy.deepcopy(data)
     ROWS[row][1](data)
     data["seed"] = seed

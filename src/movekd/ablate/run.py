@@ -16,6 +16,7 @@ from typing import Callable
 
 from movekd.ablate.ladder import ROWS, row_config
 from movekd.atomic import atomic_write_text
+from movekd.errors import OptionError
 
 
 def _cell(data: dict, row: str, seed: int, folder: Path, probe_dataset: str | None, probe_images: tuple[int, int],
@@ -87,7 +88,7 @@ def run_ablation(data: dict, out: str | Path, *, rows: list[str], seeds: list[in
     say = on_event or (lambda message: None)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        raise ValueError(f"unknown ablation row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+        raise OptionError(f"unknown ablation row {unknown[0]!r}; rows: {', '.join(ROWS)}")
     out = Path(out)
     cells_todo = [(r, s) for r in rows for s in seeds]
     done, cells = [], []

@@ -23,30 +23,33 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every row (repeatable)")
     p.add_argument("--probe", default="easyvqa-colour", help="probe dataset for each trained student ('none': skip)")
-    p.add_argument("--probe-images", default="300,200", help="probe train,test images (default 300,200)")
+    p.add_argument("--probe-images", default=(300, 200), type=_image_counts, metavar="TRAIN,TEST",
+                   help="probe train,test images (default 300,200)")
     p.set_defaults(func=_run)
+
+
+def _image_counts(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two positive integers TRAIN,TEST, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _run(args: argparse.Namespace) -> int:
     from movekd.ablate import DEFAULT_ROWS, ROWS, run_ablation
-    from movekd.config.loader import ConfigError, apply_overrides, load_yaml
+    from movekd.config.loader import apply_overrides, load_yaml
     from movekd.train.config import load_config, resolve_preset
 
     if args.list:
         for name, (text, _) in ROWS.items():
             print(f"{name:<18} {text}{'' if name in DEFAULT_ROWS else '  (not in the default ladder)'}")
         return 0
-    try:
-        data = apply_overrides(load_yaml(resolve_preset(args.config)), args.overrides)
-        load_config(data)  # validate once, with the key named on error
-        rows = args.rows.split(",") if args.rows else list(DEFAULT_ROWS)
-        train_n, test_n = (int(v) for v in args.probe_images.split(","))
-        table = run_ablation(data, args.out, rows=rows, seeds=list(range(args.seeds)),
-                             probe_dataset=None if args.probe == "none" else args.probe,
-                             probe_images=(train_n, test_n), on_event=lambda m: print(m, file=sys.stderr))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"movekd ablate: {exc}", file=sys.stderr)
-        return 2
+    data = apply_overrides(load_yaml(resolve_preset(args.config)), args.overrides)
+    load_config(data)  # validate once, with the key named on error
+    rows = args.rows.split(",") if args.rows else list(DEFAULT_ROWS)
+    table = run_ablation(data, args.out, rows=rows, seeds=list(range(args.seeds)),
+                         probe_dataset=None if args.probe == "none" else args.probe,
+                         probe_images=args.probe_images, on_event=lambda m: print(m, file=sys.stderr))
     from movekd.ablate import format_markdown
 
     print(format_markdown(table), end="")

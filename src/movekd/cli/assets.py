@@ -22,28 +22,23 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from tqdm import tqdm
 
-    from movekd.assets import ASSETS, MissingPackageError, cache_dir, prepare_all
+    from movekd.assets import ASSETS, cache_dir, prepare_all
+    from movekd.errors import OptionError
 
     unknown = [n for n in args.names if n not in ASSETS]
     if unknown:
-        print(f"error: unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}", file=sys.stderr)
-        return 2
+        raise OptionError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}")
     names = args.names or list(ASSETS)
     bar = tqdm(total=len(names), desc="assets", unit="asset", disable=args.json, file=sys.stderr)
 
     def progress(name: str) -> None:
         bar.set_postfix_str(name)
 
-    try:
-        records = []
+    records = []
+    with bar:  # closed before the CLI prints an error (a missing package: MissingPackageError)
         for name in names:
             records += prepare_all([name], progress=progress)
             bar.update()
-    except MissingPackageError as error:
-        bar.close()
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    bar.close()
     if args.json:
         print(json.dumps([{**r.__dict__, "path": str(r.path)} for r in records], indent=1, default=str))
         return 0

@@ -26,26 +26,17 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from movekd.config.loader import ConfigError
     from movekd.train.config import load_config
-    from movekd.train.feature_cache import TeacherCacheError, write_teacher_cache
+    from movekd.train.feature_cache import write_teacher_cache
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"movekd cache: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     out = args.out or config.teacher_cache_dir or str(config.run_dir / "teacher_cache")
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty() or done == total:
             print(f"\rteachers: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
 
-    try:
-        manifest = write_teacher_cache(config, out, stages=args.stage, shard_size=args.shard_size, progress=progress)
-    except (TeacherCacheError, FileNotFoundError, ValueError) as exc:
-        print(f"movekd cache: {exc}", file=sys.stderr)
-        return 2
+    manifest = write_teacher_cache(config, out, stages=args.stage, shard_size=args.shard_size, progress=progress)
     n = len(manifest["images"])
     print(f"{out}: {n} images, {len(manifest['shards'])} shards")
     total = 0

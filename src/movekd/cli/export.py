@@ -28,14 +28,20 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-samples", type=int, default=500, help="seeded subset of --eval-data (default 500)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--push-to-hub", metavar="REPO",
-                        help="then upload the folder to this Hugging Face hub repo (needs a login: huggingface-cli login)")
+                        help="then upload the folder to this Hugging Face hub model repo (created if needed; needs a "
+                        "token with write access: `hf auth login` or HF_TOKEN, checked before the export runs)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    from movekd.errors import OptionError
     from movekd.export import export_hf_llava
+    from movekd.export.hub import hub_token, push_to_hub
 
+    if args.private and not args.push_to_hub:
+        raise OptionError("--private only applies with --push-to-hub REPO")
+    token = hub_token(args.push_to_hub) if args.push_to_hub else None  # fail before a long export
     result = export_hf_llava(args.checkpoint, args.out, merge=args.merge, calib=args.calib,
                              eval_data=args.eval_data, eval_samples=args.eval_samples,
                              calib_images=args.calib_images, overwrite=args.overwrite, format=args.format,
@@ -53,10 +59,6 @@ def _run(args) -> int:
     elif result.merge != "none":
         print("merge cost not measured: pass --eval-data or --calib")
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        api.upload_folder(folder_path=str(result.path), repo_id=args.push_to_hub)
-        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+        url = push_to_hub(result.path, args.push_to_hub, private=args.private, token=token)
+        print(f"pushed {result.path} to {url}{' (private)' if args.private else ''}")
     return 0

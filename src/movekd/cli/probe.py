@@ -29,17 +29,15 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from movekd.probe import ProbeDatasetError, format_table, list_probe_datasets, probe
-    from movekd.teachers import SpecError
+    from movekd.errors import OptionError
+    from movekd.probe import format_table, list_probe_datasets, probe
 
     if args.list:
         for name, text in list_probe_datasets().items():
             print(f"{name:<16} {text}")
         return 0
     if not args.models:
-        print("movekd probe: give at least one MODEL (a teacher preset, student:PRESET, or a run folder)",
-              file=sys.stderr)
-        return 2
+        raise OptionError("probe: give at least one MODEL (a teacher preset, student:PRESET, or a run folder)")
     last = {}
 
     def progress(model: str, done: int, total: int) -> None:
@@ -47,11 +45,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"\r{model}: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr)
         last[model] = done
 
-    try:
-        result = probe(args.models, args.dataset, n_train=args.train or None, n_test=args.test or None,
-                       seed=args.seed, k=args.k, batch_size=args.batch_size, progress=progress)
-    except (ProbeDatasetError, SpecError, ValueError, FileNotFoundError) as exc:
-        print(f"movekd probe: {exc}", file=sys.stderr)
-        return 2
+    result = probe(args.models, args.dataset, n_train=args.train or None, n_test=args.test or None,
+                   seed=args.seed, k=args.k, batch_size=args.batch_size, progress=progress)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

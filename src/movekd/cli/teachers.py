@@ -41,16 +41,9 @@ def _rows(names: list[str], meta: bool) -> list[dict]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
+    from movekd.teachers import TEACHER_SETS, list_presets, list_teachers
 
-    from movekd.teachers import TEACHER_SETS, SpecError, list_presets, list_teachers
-
-    names = args.names or list_presets()
-    try:
-        rows = _rows(names, args.meta)
-    except SpecError as exc:
-        print(f"movekd teachers: {exc}", file=sys.stderr)
-        return 2
+    rows = _rows(args.names or list_presets(), args.meta)
     if args.json:
         print(json.dumps({"sources": list_teachers(), "sets": {k: list(v) for k, v in TEACHER_SETS.items()},
                           "presets": rows}, indent=1))

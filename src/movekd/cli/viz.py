@@ -28,12 +28,8 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from movekd.viz import visualize
 
-    try:
-        written = visualize(args.run, args.images, args.out, data=args.data, image_root=args.image_root,
-                            max_images=args.max_images, progress=lambda m: print(m, file=sys.stderr))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"movekd viz: {exc}", file=sys.stderr)
-        return 2
+    written = visualize(args.run, args.images, args.out, data=args.data, image_root=args.image_root,
+                        max_images=args.max_images, progress=lambda m: print(m, file=sys.stderr))
     for name, path in written.items():
         print(f"{name:<28} {path}")
     return 0

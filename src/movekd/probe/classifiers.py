@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from movekd.errors import OptionError
+
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -82,7 +84,7 @@ def knn_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, 
     _check(train_x, train_y, "knn_probe train")
     _check(test_x, test_y, "knn_probe test")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise OptionError(f"k must be >= 1, got {k}")
     k = min(k, len(train_y))
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     a = torch.nn.functional.normalize(train_x.double(), dim=-1)

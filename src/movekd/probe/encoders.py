@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from movekd.errors import OptionError
+
 STUDENT_PREFIX = "student:"
 
 
@@ -67,13 +69,13 @@ def load_encoder(name: str) -> Encoder:
     overrides = {}
     if size:
         if not size.isdigit() or int(size) <= 0:
-            raise ValueError(f"encoder {name!r}: the size after '@' must be a positive integer")
+            raise OptionError(f"encoder {name!r}: the size after '@' must be a positive integer")
         overrides["image_size"] = int(size)
     if preset.startswith(STUDENT_PREFIX):
         return Encoder(name, "student", build_student(preset[len(STUDENT_PREFIX):], mole=False, **overrides).eval())
     if preset in list_presets():
         return Encoder(name, "teacher", create_teacher(preset, **overrides))
-    raise ValueError(f"unknown encoder {name!r}: expected a teacher preset ({', '.join(list_presets())}), "
+    raise OptionError(f"unknown encoder {name!r}: expected a teacher preset ({', '.join(list_presets())}), "
                      f"'{STUDENT_PREFIX}PRESET', either with an optional '@SIZE', or a bundle / run folder")
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from movekd.errors import ImageError
+
 
 @dataclass
 class LoadedRun:
@@ -41,7 +43,7 @@ class LoadedRun:
                 with Image.open(path) as im:
                     out.append(prepare_image(im.convert("RGB"), self.aspect_ratio, self.fill, self.decode_size))
             except (OSError, ValueError) as exc:
-                raise ValueError(f"cannot read image {path}: {exc}") from exc
+                raise ImageError(f"cannot read image {path}: {exc}") from exc
         return torch.stack(out)
 
 
