@@ -98,6 +98,22 @@ def test_chat_and_eval_user_errors(run, capsys):
     _user_error(capsys, ["demo", "--set", "stages.0.lrr=1", "--out", str(tmp / "demo")], "unknown config key")
 
 
+def test_tool_commands_report_user_errors_through_the_central_handler(tmp_path, capsys):
+    """cache, probe, viz, ablate, teachers, assets: the library raises UserErrors, the CLI prints them once."""
+    _user_error(capsys, ["probe", "--dataset", "squares"], "give at least one MODEL")
+    _user_error(capsys, ["probe", "no-such-model", "--dataset", "squares"], "unknown encoder 'no-such-model'")
+    _user_error(capsys, ["teachers", "no-such-teacher"], "unknown teacher preset 'no-such-teacher'")
+    _user_error(capsys, ["assets", "no-such-asset"], "unknown asset(s) no-such-asset")
+    _user_error(capsys, ["cache", str(tmp_path / "nope.yaml")], "nope.yaml")
+    _user_error(capsys, ["viz", str(tmp_path), "--out", str(tmp_path / "viz")], "not a run folder")
+    _user_error(capsys, ["ablate", "demo", "--out", str(tmp_path / "ablate"), "--rows", "full,no-such-row"],
+                "unknown ablation row 'no-such-row'")
+    assert not (tmp_path / "ablate").exists()
+    with pytest.raises(SystemExit):  # argparse: the usage line and the bad value
+        main(["ablate", "demo", "--out", str(tmp_path / "ablate"), "--probe-images", "3"])
+    assert "expected two positive integers TRAIN,TEST" in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(run, monkeypatch):
     from movekd.errors import ImageError
 
