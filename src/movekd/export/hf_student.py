@@ -2,8 +2,10 @@
 
 ``movekd export --merge none`` writes an HF LLaVA folder whose ``vision_config`` is this type, so
 ``LlavaForConditionalGeneration.from_pretrained`` builds the routed student itself (no expert is
-merged, logits are those of the bundle). Importing ``movekd`` registers the type with ``AutoConfig``
-and ``AutoModel`` (no ``trust_remote_code``: the code is the installed package, not the folder).
+merged, logits are those of the bundle). Importing this module registers the type with ``AutoConfig``
+and ``AutoModel`` (no ``trust_remote_code``: the code is the installed package, not the folder);
+``import movekd`` arranges for that to happen when transformers is imported
+(:mod:`movekd._hf_registration`), so ``import movekd`` stays light.
 
 The model takes ``pixel_values`` already normalised by the exported image processor (the student's
 own preprocessing, :mod:`movekd.export.processor`) and returns every hidden state of its encoder
