@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.movekd-installed
 # The evaluation harnesses (lmms-eval) live in their own venv, without movekd: see README
-# "Evaluation harnesses". Not built by `make test` (about 10 minutes of install); `make test-harness` does.
+# "Evaluation harnesses". Not built by `make test` (its install took 10-20 min on the shared 2-core machine,
+# 2.5-3 min of CPU: mostly the CUDA torch wheels); `make test-harness` builds it and runs the harness tests.
 EVAL_VENV := .venv-eval
 EVAL_STAMP := $(EVAL_VENV)/.movekd-eval-installed
 # jemalloc cuts CPU training steps by ~30% (shared/research/cpu-feasibility.md); used when present.
