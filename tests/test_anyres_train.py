@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,3 +94,21 @@ def test_anyres_config_errors_name_the_key(tmp_path):
     raw["stages"][0]["group_by_image"] = True
     with pytest.raises(Exception, match="group_by_image"):
         load_config(raw)
+
+
+def test_paper_llava_next_preset_dry_run(capsys):
+    """Parameters, FLOPs of the largest grid (1 + 2x2 crops) and the memory plan on 16 x 80 GB."""
+    from movekd.cli import main
+
+    config = load_config("paper_llava_next_7b")
+    assert config.stages[-1].image_aspect_ratio == "anyres" and config.stages[0].image_aspect_ratio == "square"
+    assert main(["train", "paper_llava_next_7b", "--dry-run", "--devices", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    flops = report["step_flops"]
+    # 576 overview tokens + the 2x2 tiles' 48 x 48 grid with one image_newline per row (HF's count)
+    assert flops["crops"] == 5 and flops["image_tokens"] == 576 + 48 * 49
+    # every crop through the teachers: 5 x LLaVA-1.5's one image at 336 px upsampled (10.83 + SAM's 2.99 TFLOP)
+    assert flops["teachers_forward"] == pytest.approx(5 * 13.82e12, rel=0.01)
+    finetune = report["stages"][1]["groups"]
+    assert finetune["projector"]["trainable"] == 20_979_712 + 4096  # the MLP projector + image_newline
+    assert report["memory"]["fits"] and report["memory"]["strategy"] == "fsdp"

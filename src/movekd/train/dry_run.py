@@ -20,18 +20,39 @@ from movekd.train.groups import format_table
 TEXT_TOKENS = 64  # text tokens per sample besides the image tokens (the step FLOPs assume this)
 
 
+def _largest_anyres_image(anyres):
+    """AnyRes crops (on meta) of an image that fills the largest grid exactly: the most tokens."""
+    from movekd.data.anyres import AnyResImages
+
+    height, width = max(anyres.pinpoints, key=lambda p: (p[0] // anyres.crop_size) * (p[1] // anyres.crop_size))
+    crops = 1 + (height // anyres.crop_size) * (width // anyres.crop_size)
+    side = anyres.crop_size
+    return AnyResImages(torch.zeros(crops, 3, side, side, dtype=torch.uint8, device="meta"),
+                        torch.tensor([[height, width]]), torch.tensor([crops]))
+
+
 def _step_flops(system, text_tokens: int = TEXT_TOKENS) -> dict:
-    """FLOPs of one training step for one sample: frozen teachers forward, the rest forward + backward."""
+    """FLOPs of one training step for one sample: frozen teachers forward, the rest forward + backward.
+    A last stage with ``image_aspect_ratio: anyres`` counts an image of the largest grid: the student
+    on every crop, the teachers on every crop (``kd.anyres_distill: all_crops``) or the overview."""
     model = system.model
     size = system.image_size
     images = torch.zeros(1, 3, size, size, dtype=torch.uint8, device="meta")
+    anyres = system.config.stages[-1].image_aspect_ratio == "anyres"
+    student_images = teacher_images = images
+    if anyres:
+        tiled = _largest_anyres_image(model.vlm.anyres)
+        student_images = tiled.crops
+        teacher_images = tiled.crops if system.config.kd.anyres_distill == "all_crops" else tiled.crops[:1]
     model.train()
     with FlopCounterMode(display=False) as teacher_counter:
-        teacher_outs = [t(images) for t in model.teachers]
+        teacher_outs = [t(teacher_images) for t in model.teachers]
     with FlopCounterMode(display=False) as counter:
-        vision = model.vlm.vision(images)
+        vision = model.vlm.vision(student_images)
         student_tokens = vision.tokens
         embeds = model.vlm.projector(student_tokens)
+        if anyres:
+            embeds = model.vlm.anyres.pack(embeds, tiled)[0][None]
         text = model.vlm.llm.get_input_embeddings()(torch.zeros(1, text_tokens, dtype=torch.long, device="meta"))
         seq = torch.cat([embeds, text], dim=1)
         out = model.vlm.llm(inputs_embeds=seq)  # no mask: all tokens attend causally (mask building calls .item())
@@ -43,7 +64,8 @@ def _step_flops(system, text_tokens: int = TEXT_TOKENS) -> dict:
         loss.backward()
     teachers = teacher_counter.get_total_flops()
     return {"total": teachers + counter.get_total_flops(), "teachers_forward": teachers,
-            "image_tokens": int(student_tokens.shape[1]), "text_tokens": text_tokens}
+            "image_tokens": int(embeds.shape[1]), "text_tokens": text_tokens,
+            "crops": int(student_images.shape[0]) if anyres else 1}
 
 
 def dry_run(config: TrainConfig, devices: int = 1, strategy: str | None = None,
@@ -84,8 +106,9 @@ def format_dry_run(report: dict) -> str:
     if "error" in flops:
         lines.append(f"step FLOPs: not counted ({flops['error']})")
     else:
-        lines.append(f"one stage-2 training step (all but the teachers train), 1 sample ({flops['image_tokens']} image + {flops['text_tokens']} text "
-                     f"tokens), forward + backward: {flops['total'] / 1e12:.2f} TFLOP "
+        crops = f", {flops['crops']} AnyRes crops" if flops.get("crops", 1) > 1 else ""
+        lines.append(f"one stage-2 training step (all but the teachers train), 1 sample ({flops['image_tokens']} image + "
+                     f"{flops['text_tokens']} text tokens{crops}), forward + backward: {flops['total'] / 1e12:.2f} TFLOP "
                      f"(teachers' forward {flops['teachers_forward'] / 1e12:.2f} TFLOP)")
     from movekd.train.memory_plan import format_memory_plan
 

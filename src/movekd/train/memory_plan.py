@@ -52,6 +52,11 @@ def _activation_bytes(geometry, tokens: int, batch: int, value_bytes: int, check
     return layers * full_layer
 
 
+def max_crops(anyres) -> int:
+    """The most crops (overview + tiles) an image gets on ``anyres``'s grid."""
+    return 1 + max((h // anyres.crop_size) * (w // anyres.crop_size) for h, w in anyres.pinpoints)
+
+
 def stage_memory(system, stage, strategy: str, devices: int, checkpointing: bool | None = None) -> dict:
     """Per-device GB of one stage (see the module docstring); ``checkpointing`` None: the config's."""
     from movekd.train.groups import named_groups
@@ -97,12 +102,14 @@ def stage_memory(system, stage, strategy: str, devices: int, checkpointing: bool
     student_tokens = getattr(vision, "num_tokens", 0) + 1
     llm_geometry = _geometry(model.vlm.llm)
     vocab = int(getattr(model.vlm.llm.config, "vocab_size", 0))
+    # AnyRes: the student encodes every crop of an image (the most crops the grid allows)
+    crops = max_crops(model.vlm.anyres) if stage.image_aspect_ratio == "anyres" else 1
 
     def activations(ckpt: bool) -> float:
         total = _activation_bytes(llm_geometry, tokens, stage.batch_size, compute_bytes, ckpt)
         if student_trains:
             total += _activation_bytes(_geometry(getattr(vision, "encoder", None)), student_tokens,
-                                       stage.batch_size, compute_bytes, ckpt, student_layers)
+                                       stage.batch_size * crops, compute_bytes, ckpt, student_layers)
         return total + tokens * stage.batch_size * vocab * 4  # fp32 supervised logits
 
     with_ckpt, without = activations(True), activations(False)
