@@ -65,15 +65,30 @@ def _run(config: TrainConfig, show_progress: bool, on_log) -> dict:
     }
 
 
+PRESETS = ("demo", "demo_next")  # the LLaVA-1.5-style demo, and its AnyRes (LLaVA-NeXT) variant
+
+
+def _data_assets(config: TrainConfig) -> list[str]:
+    """The ``asset:NAME/...`` data a config reads (stages, evaluation), in order."""
+    refs = [s.data for s in config.stages] + ([config.eval.data] if config.eval else [])
+    names = [ref[len("asset:"):].split("/")[0] for ref in refs if ref.startswith("asset:")]
+    return list(dict.fromkeys(names))
+
+
 def run_demo(out: str | Path = "runs/demo", *, compare: bool = False, overrides: list[str] | None = None,
-             show_progress: bool = True, on_log: Callable[[dict], None] | None = None) -> dict:
-    """Run the demo; returns (and writes to ``out/results.json``) the figures."""
+             show_progress: bool = True, on_log: Callable[[dict], None] | None = None,
+             preset: str = "demo") -> dict:
+    """Run the demo (``preset``: ``demo`` or ``demo_next``); returns (and writes to
+    ``out/results.json``) the figures."""
     from movekd.assets import prepare_all
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; expected one of {', '.join(PRESETS)}")
     start = time.perf_counter()
     out = Path(out)
-    config = load_config("demo", [f"output_dir={out / 'movekd'}", *(overrides or [])])  # bad overrides fail first
-    assets = prepare_all(["smollm2", "dinov2_s14", "efficientnet_lite0", "efficientnet_lite2", "easyvqa"])
+    config = load_config(preset, [f"output_dir={out / 'movekd'}", *(overrides or [])])  # bad overrides fail first
+    models = ["smollm2", "dinov2_s14", "efficientnet_lite0", "efficientnet_lite2"]
+    assets = prepare_all(models + [name for name in _data_assets(config) if name not in models])
     movekd = _run(config, show_progress, on_log)
     baseline = _run(baseline_config(config), show_progress, on_log) if compare else None
     results = {

