@@ -32,3 +32,36 @@ def test_demo_table_shows_the_student_probe_row():
                            "probe": {"dataset": "easyvqa-colour", "MoVE-KD": {"linear": 0.91, "knn": 0.72},
                                      "baseline": {"linear": 0.88, "knn": 0.70}}})
     assert "MoVE-KD        linear 0.910  kNN 0.720" in text and "baseline       linear 0.880" in text
+
+
+def test_demo_next_canvases_put_the_picture_inside_one_tile():
+    import numpy as np
+
+    from movekd.assets.easyvqa_canvas import CELL, GRIDS, place
+    from movekd.data.anyres import default_pinpoints, select_best_resolution
+
+    config = load_config("demo_next")
+    assert config.stages[-1].image_aspect_ratio == "anyres" and config.eval.data.startswith("asset:easyvqa_canvas/")
+    pinpoints = config.model.grid_pinpoints
+    assert pinpoints == default_pinpoints(CELL)
+    rng = np.random.default_rng(0)
+    picture = np.full((64, 64, 3), 240, np.uint8)
+    picture[20:40, 10:50] = (200, 30, 30)
+    seen = set()
+    for _ in range(60):
+        canvas = place(picture, rng)
+        height, width = canvas.shape[:2]
+        seen.add((height // CELL, width // CELL))
+        # the canvas is its own pinpoint: tiled without resize or padding
+        assert select_best_resolution((height, width), pinpoints) == (height, width)
+        red = np.argwhere((canvas == (200, 30, 30)).all(-1))
+        cells = {(int(y) // CELL, int(x) // CELL) for y, x in red}
+        assert len(red) == 20 * 40 and len(cells) == 1  # the shape lies inside one tile
+    assert seen == set(GRIDS)
+
+
+def test_demo_reads_the_data_assets_of_its_preset():
+    from movekd.demo import _data_assets
+
+    assert _data_assets(load_config("demo")) == ["easyvqa"]
+    assert _data_assets(load_config("demo_next")) == ["easyvqa", "easyvqa_canvas"]

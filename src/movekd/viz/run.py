@@ -63,8 +63,10 @@ def load_run(folder: str | Path, *, with_teachers: bool = True) -> LoadedRun:
     student = load_trained_student(bundle)
     teachers = [create_teacher(spec) for spec in config.model.teachers] if with_teachers else []
     adapters = _load_adapters(folder, config, teachers, student) if teachers else None
+    # AnyRes runs: the pictures are of the overview crop (the whole image stretched to the student's side)
+    aspect = "stretch" if vlm_config.image_aspect_ratio == "anyres" else vlm_config.image_aspect_ratio
     return LoadedRun(folder, config, student, teachers, adapters, vlm_config.decode_size,
-                     vlm_config.image_aspect_ratio, fill_colour(student.spec.mean))
+                     aspect, fill_colour(student.spec.mean))
 
 
 def _load_adapters(folder: Path, config, teachers, student) -> list[nn.Module | None] | None:
