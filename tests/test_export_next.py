@@ -141,3 +141,15 @@ def test_export_formats_refuse_the_wrong_bundle(next_bundle, tmp_path, capsys):
     path, _ = next_bundle
     assert main(["export", str(path), str(tmp_path / "llava")]) == 2  # hf-llava cannot tile
     assert "--format hf-llava-next" in capsys.readouterr().err
+
+
+def test_anyres_on_a_bundle_without_it_is_a_clear_error(tmp_path, capsys):
+    from test_export import _make_bundle
+
+    plain, raw = _make_bundle(tmp_path)
+    assert main(["export", str(plain), str(tmp_path / "next"), "--format", "hf-llava-next"]) == 2
+    assert "image_aspect_ratio: anyres" in capsys.readouterr().err
+    image = next(Path(raw["stages"][1]["data"]).parent.glob("images/*.png"))
+    assert main(["chat", str(plain), "--image", str(image), "--image-aspect-ratio", "anyres", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "not trained with anyres" in err and "Traceback" not in err

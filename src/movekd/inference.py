@@ -12,7 +12,12 @@ from pathlib import Path
 
 import torch
 
+from movekd.errors import UserError
 from movekd.vlm.config import VLMConfig
+
+
+class NotAnyResError(UserError, ValueError):
+    """AnyRes asked of a model that has no ``image_newline`` / grid."""
 
 
 @dataclass
@@ -48,6 +53,9 @@ class LoadedVLM:
 
     @image_aspect_ratio.setter
     def image_aspect_ratio(self, mode: str) -> None:  # e.g. chat --image-aspect-ratio
+        if mode == "anyres" and not self.config.image_grid_pinpoints:
+            raise NotAnyResError("image_aspect_ratio 'anyres': the model was not trained with anyres (its bundle "
+                                 "has no image_grid_pinpoints / image_newline)")
         self.config = self.config.replace(image_aspect_ratio=mode)
 
     @property

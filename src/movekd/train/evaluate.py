@@ -30,8 +30,10 @@ def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> di
     samples, root = eval_samples(config)
     mode = config.image_aspect_ratio or loaded.image_aspect_ratio
     if mode == "anyres" and not loaded.grid_pinpoints:
-        raise ValueError("eval image_aspect_ratio 'anyres': the model was not trained with anyres (its bundle has "
-                         "no image_grid_pinpoints / image_newline)")
+        from movekd.inference import NotAnyResError
+
+        raise NotAnyResError("eval image_aspect_ratio 'anyres': the model was not trained with anyres (its bundle "
+                             "has no image_grid_pinpoints / image_newline)")
     with loaded.autocast():
         result = evaluate_vqa(loaded.vlm, loaded.tokenizer, samples, batch_size=config.batch_size,
                               max_new_tokens=config.max_new_tokens, image_root=root,
