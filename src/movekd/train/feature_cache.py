@@ -105,6 +105,11 @@ def write_teacher_cache(config, out: str | Path, *, stages: list[int] | None = N
     for i in chosen:
         if not 0 <= i < len(config.stages):
             raise TeacherCacheError(f"--stage {i}: the config has stages 0..{len(config.stages) - 1}")
+    anyres = [config.stages[i].name for i in chosen if config.stages[i].image_aspect_ratio == "anyres"]
+    if anyres:
+        raise TeacherCacheError(f"stage {anyres[0]} tiles images (image_aspect_ratio: anyres): the disk cache does not "
+                                "hold AnyRes crops; cache the other stages (--stage) and let training cache the "
+                                "crops in the run (teacher_cache: true)")
     images: dict[str, tuple[Path, str]] = {}
     for i in chosen:
         for key, path in stage_images(config, config.stages[i]):
