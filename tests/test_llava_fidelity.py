@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from movekd.data import IMAGE_ASPECT_RATIOS, fill_colour, prepare_image, read_image
+from movekd.data import fill_colour, prepare_image, read_image
+from movekd.data.images import SQUARE_ASPECT_RATIOS
 from movekd.teachers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TeacherOutput
 from movekd.teachers.preprocess import Preprocessor
 from movekd.teachers.registry import resolve_spec
@@ -125,7 +126,7 @@ def test_stretch_is_the_historical_pil_resize_and_square_images_agree_in_every_m
     old = torch.from_numpy(np.asarray(img.resize((48, 48), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1)
     assert torch.equal(read_image(path, 48), old)  # the default mode is the old behaviour, bit for bit
     square = photo(64, 64, seed=5)  # easy-vqa images are square: every mode gives the same pixels
-    outs = [prepare_image(square, mode, (1, 2, 3), 64) for mode in IMAGE_ASPECT_RATIOS]
+    outs = [prepare_image(square, mode, (1, 2, 3), 64) for mode in SQUARE_ASPECT_RATIOS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     with pytest.raises(ValueError, match="image_aspect_ratio 'letterbox'"):
         prepare_image(img, "letterbox", (0, 0, 0), 32)

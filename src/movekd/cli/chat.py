@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     parser.add_argument("question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad", "anyres"),
-                        help="how the image becomes a square (default: as the bundle was trained)")
+                        help="how the image becomes a square, or anyres: LLaVA-NeXT tiles (bundles trained with it); "
+                        "default: as the bundle was trained")
     parser.add_argument("--no-fold", action="store_true",
                         help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
     parser.set_defaults(func=_run)

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
     parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad", "anyres"),
-                        help="how images become squares (default: as the bundle was trained; LLaVA evaluates "
+                        help="how images become squares, or anyres: LLaVA-NeXT tiles (default: as the bundle was "
+                        "trained; LLaVA evaluates "
                         "with pad)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--predictions", metavar="FILE",

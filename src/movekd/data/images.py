@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGE_ASPECT_RATIOS = ("stretch", "square", "pad", "anyres")
+SQUARE_ASPECT_RATIOS = ("stretch", "square", "pad")  # one square image each
+IMAGE_ASPECT_RATIOS = (*SQUARE_ASPECT_RATIOS, "anyres")  # anyres: overview + tiles (movekd.data.anyres)
 
 
 def fill_colour(mean: Sequence[float]) -> tuple[int, int, int]:
