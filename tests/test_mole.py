@@ -259,19 +259,30 @@ def test_whole_model_matches_reference_layers(monkeypatch):
     torch.testing.assert_close(fast, run(model, images), rtol=0, atol=1e-5)
 
 
-def test_dropout_kernel_matches_reference_with_the_same_mask(monkeypatch):
+@pytest.mark.parametrize("gated", [False, True], ids=["sparse", "gated"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_fused_linear_kernel_matches_reference_with_the_same_mask(monkeypatch, gated, with_bias):
     torch.manual_seed(0)
     z = torch.randn(10, 16, requires_grad=True)
-    a = [torch.randn(4, 16, requires_grad=True) for _ in range(2)]
-    b = [torch.randn(4, requires_grad=True) for _ in range(2)]
-    mask = torch.rand(10, 16) < 0.3
-    monkeypatch.setattr(kernels, "bernoulli_mask", lambda shape, p, device: mask)
-    counts = [6, 4]
-    out = kernels.segmented_lora_in(z, counts, 0.3, a, b)
+    weight = torch.randn(12, 16, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True) if with_bias else None
+    gate = torch.rand(10, 1, requires_grad=True) if gated else None
+    a_w = [torch.randn(4, 16, requires_grad=True) for _ in range(2)]
+    a_b = [torch.randn(4, requires_grad=True) for _ in range(2)]
+    b_w = [torch.randn(12, 4, requires_grad=True) for _ in range(2)]
+    b_b = [torch.randn(12, requires_grad=True) for _ in range(2)]
+    mask = torch.rand(10, 16) < 0.3  # dropped entries
+    lanes = torch.where(mask, -32768, 32767).to(torch.int16)  # what the kernel turns into that mask
+    monkeypatch.setattr(kernels, "draw_dropout_lanes", lambda shape, device: lanes)
+    counts, s = [6, 4], 0.25
+    out = kernels.mole_linear(z, counts, 0.3, s, weight, bias, gate, a_w, a_b, b_w, b_b)
     dropped = z.masked_fill(mask, 0) / 0.7
-    ref = torch.cat([F.linear(dropped[:6], a[0], b[0]), F.linear(dropped[6:], a[1], b[1])])
+    rows = [slice(0, 6), slice(6, 10)]
+    lora = torch.cat([s * F.linear(F.linear(dropped[r], a_w[e], a_b[e]), b_w[e], b_b[e]) for e, r in enumerate(rows)])
+    ref = F.linear(z, weight, bias) + (lora * gate if gated else lora)
     torch.testing.assert_close(out, ref)
-    for got, want in zip(grads(out, [z, *a, *b]), grads(ref, [z, *a, *b])):
+    inputs = [z, weight, *a_w, *a_b, *b_w, *b_b] + ([bias] if with_bias else []) + ([gate] if gated else [])
+    for got, want in zip(grads(out, inputs), grads(ref, inputs)):
         torch.testing.assert_close(got, want)
 
 

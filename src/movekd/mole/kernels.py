@@ -1,17 +1,14 @@
-"""Autograd kernels for routing tokens grouped by expert (the fast path of ``MoLEFFN``).
+"""Autograd kernels for routing tokens grouped by expert (the fast paths of ``MoLEFFN``).
 
 Tokens are sorted by expert once, so each expert owns one contiguous row segment. Then:
 
 - ``permute_rows``: a row gather whose backward is the inverse gather. The stock backward of
   ``index_select`` is ``index_add_``, measured at ~80 ms against ~5 ms for the gather on a
   [577, 1024] tensor with 2 threads on a shared 2-core machine (both < 0.1 ms with 1 thread).
+- ``mole_linear``: one MoLE linear (fc1 or fc2 with its routed LoRA experts and their input dropout)
+  as a single autograd function; see its section below for what it saves over composing autograd ops.
 - ``segmented_linear``: ``out[seg_e] = inp[seg_e] @ W_e^T + b_e`` written straight into one output
-  buffer (``out=`` slices), so no per-expert output is concatenated or scattered; the backward writes
-  the input gradient the same way. Used for the LoRA B half, whose output is the wide one.
-- ``segmented_lora_in``: the LoRA A half with its input dropout, ``low[seg_e] = drop(z[seg_e]) @ A_e^T
-  + a_e``. It saves a 1-byte drop mask instead of the dropped float input (for the fc2 LoRA the input
-  is 4096 wide and ``z`` itself is saved by fc2 anyway), draws the mask cheaply (``bernoulli_mask``)
-  and recomputes the dropped input in backward.
+  buffer (``out=`` slices); used by the folded inference path on devices without oneDNN packing.
 
 All of them take ``counts`` (tokens per expert, host ints): empty segments are skipped and their
 parameters get no gradient.
@@ -88,77 +85,146 @@ def segmented_linear(inp: Tensor, counts: list[int], weights: Sequence[Tensor], 
     return _SegmentedLinear.apply(inp, counts, *weights, *biases)
 
 
-def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """Bool tensor, True with probability ``p`` (the dropped entries).
+# ---------------------------------------------------------------------------------------------------
+# One fused autograd function per MoLE linear (the grouped training and inference path).
+#
+# ``out = z W^T + b + g * s * (B_e (A_e drop(z) + a_e) + b_e)`` for rows sorted by expert, in one
+# Function instead of a LoRA-in kernel, a LoRA-out kernel and an in-place GEMM glued by autograd, so
+# that the backward needs no extra pass over the wide tensors:
+# - the wide output is written once by the LoRA B GEMM (with both biases folded in) and the big GEMM
+#   accumulates onto it (beta=1), as a plain Linear's GEMM accumulates onto its broadcast bias;
+# - the input gradient of the LoRA (masked by dropout) is written first and the big ``g W`` GEMM
+#   accumulates onto it, instead of autograd adding two wide gradients;
+# - the weight gradient is ``g^T z`` in the weight's own layout (what a plain Linear computes), with no
+#   transposed copy; per-segment bias sums are computed once and summed for the base bias;
+# - dropout keeps a compact random state (2 bytes per element) and multiplies by a {0, 1} mask in the
+#   compute dtype: bool-mask ``where`` / ``masked_fill`` measured 3-5x slower than a multiply on CPU.
 
-    On CPU the default generator (mt19937) is single-threaded and ``rand``/``bernoulli_`` cost ~3 ns
-    per element, several ms per step for a 577 x 4096 mask. Drawing one int64 per 4 entries and
-    comparing 15-bit lanes is ~3x cheaper; ``p`` is then rounded to a multiple of 2^-15 (0.05 becomes
-    0.049988). Other devices use ``rand < p``.
-    """
+
+def draw_dropout_lanes(shape: torch.Size, device: torch.device) -> Tensor:
+    """Uniform random lanes deciding a dropout mask of ``shape``: on CPU int16 lanes carved out of
+    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element), elsewhere floats in
+    [0, 1)."""
     if torch.device(device).type != "cpu":
-        return torch.rand(shape, device=device) < p
+        return torch.rand(shape, device=device)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits
-    lanes = words.view(torch.int16)[:numel].bitwise_and(0x7FFF)  # 4 lanes of 15 uniform bits
-    return (lanes < round(p * 32768)).view(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return words.view(torch.int16)[:numel].view(shape)
 
 
-class _SegmentedLoRAIn(Function):
+def keep_mask(lanes: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """{0, 1} tensor in ``dtype``: 0 (dropped) with probability ``p`` (on CPU ``p`` is rounded to a
+    multiple of 2^-16: 0.05 becomes 0.050003)."""
+    out = torch.empty(lanes.shape, dtype=dtype, device=lanes.device)
+    if lanes.dtype == torch.int16:
+        return torch.ge(lanes, -32768 + round(p * 65536), out=out)
+    return torch.ge(lanes, p, out=out)
+
+
+def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """Bool tensor, True with probability ``p`` (the dropped entries), drawn as the kernels draw it."""
+    return keep_mask(draw_dropout_lanes(shape, device), p, torch.bool).logical_not_()
+
+
+class _MoLELinear(Function):
     @staticmethod
-    def forward(ctx, z: Tensor, counts: list[int], p: float, *params: Tensor) -> Tensor:
+    def forward(ctx, z: Tensor, counts: list[int], p: float, scaling: float, weight: Tensor,
+                bias: Tensor | None, gate: Tensor | None, *lora: Tensor) -> Tensor:
         num = len(counts)
-        weights, biases = params[:num], params[num:]
-        drop = bernoulli_mask(z.shape, p, z.device) if p > 0 else None
-        scale = 1.0 / (1.0 - p)
-        # One masked copy for all segments (a transient; the saved state is z, shared with the caller,
-        # and the 1-byte mask). The 1/(1-p) goes on the small A (r x in), not on the wide input.
-        zd = torch.where(drop, 0, z) if drop is not None else z
-        out = z.new_empty(z.shape[0], weights[0].shape[0])
+        a_w, a_b, b_w, b_b = (lora[i * num:(i + 1) * num] for i in range(4))
+        lanes = draw_dropout_lanes(z.shape, z.device) if p > 0 else None
+        zd = z * keep_mask(lanes, p, z.dtype) if lanes is not None else z
+        inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
+        rank = a_w[0].shape[0]
+        low = z.new_empty(z.shape[0], rank)
+        out = z.new_empty(z.shape[0], weight.shape[0])
         start = 0
         for e, n in enumerate(counts):
-            if n:
-                w = weights[e] * scale if drop is not None else weights[e]
-                torch.addmm(biases[e], zd.narrow(0, start, n), w.t(), out=out.narrow(0, start, n))
+            rows = slice(start, start + n)
+            torch.addmm(a_b[e], zd[rows], a_w[e].t(), alpha=inv_keep, out=low[rows])
+            if gate is None:
+                # s * (B low + b_e) + bias: both biases go into the one wide write
+                b_e = b_b[e] * scaling if bias is None else torch.add(bias, b_b[e], alpha=scaling)
+                torch.addmm(b_e, low[rows], b_w[e].t(), alpha=scaling, out=out[rows])
+            else:
+                # g * s * (B low + b_e) = s * [g*low, g] @ [B, b_e]^T: the gate scales the r-wide side
+                ucat = torch.cat([low[rows] * gate[rows], gate[rows]], 1)
+                bcat = torch.cat([b_w[e], b_b[e][:, None]], 1)
+                base = bias if bias is not None else out.new_zeros(())
+                torch.addmm(base, ucat, bcat.t(), alpha=scaling, out=out[rows])
             start += n
-        ctx.counts, ctx.scale = counts, scale
-        ctx.save_for_backward(z, drop, *weights)
+        out.addmm_(z, weight.t())
+        ctx.counts, ctx.p, ctx.scaling, ctx.has_bias = counts, p, scaling, bias is not None
+        ctx.save_for_backward(z, lanes, low, gate, weight, *a_w, *b_w, *b_b)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        z, drop, *weights = ctx.saved_tensors
-        counts, scale = ctx.counts, ctx.scale
+        z, lanes, low, gate, weight, *rest = ctx.saved_tensors
+        counts, p, s = ctx.counts, ctx.p, ctx.scaling
         num = len(counts)
-        need_z = ctx.needs_input_grad[0]
-        need_w = any(ctx.needs_input_grad[3:3 + num])
+        a_w, b_w, b_b = rest[:num], rest[num:2 * num], rest[2 * num:]
+        needs = ctx.needs_input_grad
+        need_z, need_w, need_bias, need_gate = needs[0], needs[4], needs[5], needs[6]
+        lora_needs = needs[7:]
         grad = grad.contiguous()
-        grad_z = grad.new_empty(z.shape) if need_z else None
-        zd = (torch.where(drop, 0, z) if drop is not None else z) if need_w else None  # recomputed
-        grad_w: list[Tensor | None] = [None] * num
-        grad_b: list[Tensor | None] = [None] * num
+        keep = keep_mask(lanes, p, z.dtype) if lanes is not None else None
+        inv_keep = 1.0 / (1.0 - p)
+        need_zd = any(lora_needs[:num])
+        zd = (z * keep if keep is not None else z) if need_zd else None
+        grad_weight = grad.t().mm(z) if need_w else None
+        grad_gate = torch.empty_like(gate) if need_gate else None
+        grad_z_lora = z.new_empty(z.shape) if need_z else None
+        g_a_w, g_a_b, g_b_w, g_b_b = ([None] * num for _ in range(4))
+        seg_sums = []
         start = 0
         for e, n in enumerate(counts):
-            if n:
-                g = grad.narrow(0, start, n)
-                if need_z:
-                    w = weights[e] * scale if drop is not None else weights[e]
-                    torch.mm(g, w, out=grad_z.narrow(0, start, n))
-                if ctx.needs_input_grad[3 + e]:
-                    grad_w[e] = (g * scale if drop is not None else g).t() @ zd.narrow(0, start, n)
-                if ctx.needs_input_grad[3 + num + e]:
-                    grad_b[e] = g.sum(0)
+            rows = slice(start, start + n)
+            g = grad[rows]
+            g_sum = g.sum(0)
+            seg_sums.append(g_sum)
+            if gate is None:
+                g_low = torch.mm(g, b_w[e]).mul_(s)  # [n, r]
+                if lora_needs[2 * num + e]:
+                    g_b_w[e] = torch.mm(g.t(), low[rows]).mul_(s)
+                if lora_needs[3 * num + e]:
+                    g_b_b[e] = g_sum * s
+            else:
+                gt = gate[rows]
+                g_ucat = torch.mm(g, torch.cat([b_w[e], b_b[e][:, None]], 1)).mul_(s)  # [n, r + 1]
+                g_u = g_ucat[:, :-1]
+                if need_gate:
+                    grad_gate[rows] = g_ucat[:, -1:] + (g_u * low[rows]).sum(1, keepdim=True)
+                g_low = g_u * gt
+                if lora_needs[2 * num + e]:
+                    g_b_w[e] = torch.mm(g.t(), low[rows] * gt).mul_(s)
+                if lora_needs[3 * num + e]:
+                    g_b_b[e] = torch.mv(g.t(), gt[:, 0]).mul_(s)
+            if lora_needs[num + e]:
+                g_a_b[e] = g_low.sum(0)
+            if lora_needs[e]:
+                g_a_w[e] = torch.mm(g_low.t(), zd[rows]).mul_(inv_keep)
+            if need_z:
+                torch.mm(g_low * inv_keep if keep is not None else g_low, a_w[e], out=grad_z_lora[rows])
             start += n
-        if need_z and drop is not None:
-            grad_z.masked_fill_(drop, 0)
-        return (grad_z, None, None, *grad_w, *grad_b)
+        grad_z = None
+        if need_z:
+            if keep is not None:
+                grad_z_lora.mul_(keep)
+            grad_z = grad_z_lora.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
+        grad_bias = torch.stack(seg_sums).sum(0) if need_bias and ctx.has_bias else None
+        return (grad_z, None, None, None, grad_weight, grad_bias, grad_gate, *g_a_w, *g_a_b, *g_b_w, *g_b_b)
 
 
-def segmented_lora_in(
-    z: Tensor, counts: list[int], p: float, weights: Sequence[Tensor], biases: Sequence[Tensor]
+def mole_linear(
+    z: Tensor, counts: list[int], p: float, scaling: float, weight: Tensor, bias: Tensor | None,
+    gate: Tensor | None, a_w: Sequence[Tensor], a_b: Sequence[Tensor], b_w: Sequence[Tensor],
+    b_b: Sequence[Tensor],
 ) -> Tensor:
-    """LoRA A half per segment with input dropout ``p`` (pass 0 in eval mode)."""
-    return _SegmentedLoRAIn.apply(z, counts, p, *weights, *biases)
+    """``z W^T + b + gate * scaling * (B_e (A_e drop_p(z) + a_e) + b_e)`` with ``z``'s rows sorted by
+    expert (``counts`` rows per segment, all > 0; the LoRA tensors list those experts in order); ``gate``
+    ``[rows, 1]`` or None (sparse: 1)."""
+    return _MoLELinear.apply(z, counts, p, scaling, weight, bias, gate, *a_w, *a_b, *b_w, *b_b)
 
 
 # ---------------------------------------------------------------------------------------------------

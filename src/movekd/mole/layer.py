@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from movekd.mole.kernels import (
+    mole_linear,
     pack_linear_weight,
     packed_linear,
     packed_linear_supported,
     permute_rows,
     segmented_linear,
-    segmented_lora_in,
 )
 from movekd.mole.lora import LoRAExpert
 
@@ -219,40 +219,23 @@ class MoLEFFN(nn.Module):
         order, inverse, counts = _group_by_expert(expert, self.num_experts)
         xs = permute_rows(x, order, inverse)  # the only gather of inputs (d wide)
         gs = permute_rows(gate, order, inverse).to(x.dtype) if gate is not None else None
-        # h = fc1(x) + down_e(x): the LoRA output (with fc1's bias folded in) is written first, then
-        # the big GEMM accumulates onto it in place, so the H-wide hidden is written once, as in a
-        # plain Linear (which also writes its broadcast bias before the GEMM).
-        h = self._lora_grouped(self.moe_down, self.fc1, xs, counts, gs, dtype)
-        h = h.addmm_(xs, _cast(self.fc1.weight, dtype).t())
-        a = self._mid(h, dtype)
-        y = self._lora_grouped(self.moe_up, self.fc2, a, counts, gs, dtype)
-        y = y.addmm_(a, _cast(self.fc2.weight, dtype).t())
+        h = self._linear_grouped(self.fc1, self.moe_down, xs, counts, gs, dtype)
+        y = self._linear_grouped(self.fc2, self.moe_up, self._mid(h, dtype), counts, gs, dtype)
         return self._post(permute_rows(y, inverse, order))  # back to token order (d wide)
 
-    def _lora_grouped(
-        self, experts: nn.ModuleList, base: nn.Linear, z: Tensor, counts: list[int], gate: Tensor | None,
+    def _linear_grouped(
+        self, base: nn.Linear, experts: nn.ModuleList, z: Tensor, counts: list[int], gate: Tensor | None,
         dtype: torch.dtype | None,
     ) -> Tensor:
-        """``base.bias + g * lora_e(drop(z))`` on each expert's segment of the sorted tokens."""
+        """``base(z) + g * lora_e(drop(z))`` on each expert's segment of the sorted rows, one fused
+        kernel (``movekd.mole.kernels.mole_linear``)."""
         used = [e for e, n in enumerate(counts) if n]
-        seg_counts = [counts[e] for e in used]
-        low = segmented_lora_in(
-            z, seg_counts, self._dropout_p(),
-            [_cast(experts[e].lora_A.weight, dtype) for e in used],
-            [_cast(experts[e].lora_A.bias, dtype) for e in used],
-        )
-        s = self.scaling
-        b0 = _cast(base.bias, dtype)
-        w_b = [_cast(experts[e].lora_B.weight, dtype) * s for e in used]
-        b_b = [_cast(experts[e].lora_B.bias, dtype) * s for e in used]
-        if gate is None:
-            biases = [b if b0 is None else b + b0 for b in b_b]
-            return segmented_linear(low, seg_counts, w_b, biases)
-        # g * (B low + b) = [g*low, g] @ [B, b]^T: the gate scales the r-wide side only.
-        zero = torch.zeros_like(b_b[0]) if b0 is None else b0
-        return segmented_linear(
-            torch.cat([low * gate, gate], 1), seg_counts,
-            [torch.cat([w, b[:, None]], 1) for w, b in zip(w_b, b_b)], [zero] * len(used),
+        loras = [experts[e] for e in used]
+        return mole_linear(
+            z, [counts[e] for e in used], self._dropout_p(), self.scaling,
+            _cast(base.weight, dtype), _cast(base.bias, dtype), gate,
+            [_cast(m.lora_A.weight, dtype) for m in loras], [_cast(m.lora_A.bias, dtype) for m in loras],
+            [_cast(m.lora_B.weight, dtype) for m in loras], [_cast(m.lora_B.bias, dtype) for m in loras],
         )
 
     # ------------------------------------------------------------------ folded (sparse inference)
