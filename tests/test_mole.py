@@ -398,24 +398,61 @@ def test_torch_compile_inductor():
 
 
 # ---------------------------------------------------------------- benchmark function and CLI
-def test_bench_function_and_cli(capsys):
+def test_bench_function_schema_and_cli(capsys, tmp_path):
     from movekd.bench import run_mole_bench
+    from movekd.bench.mole import MODES
     from movekd.cli import bench
 
-    result = run_mole_bench(tokens=8, dim=32, hidden=64, repeats=1, warmup=0)
-    assert set(result["ratio"]) == {"inference", "inference_folded", "train", "train_frozen_base"}
-    assert result["gflops"]["mole"] > result["gflops"]["plain"] > 0
-    half = run_mole_bench(tokens=8, dim=32, hidden=64, repeats=1, warmup=0, precision="bf16", routing="gated")
-    assert half["config"]["precision"] == "bf16" and "inference_folded" not in half["ratio"]  # sparse only
+    result = run_mole_bench(tokens=8, dim=32, hidden=64, rank=4, batches=(1, 2), precisions=("fp32", "bf16"),
+                            repeats=1, warmup=0)
+    assert result["variants"] == ["plain", "lora", "folded", "index_scatter"]
+    assert [(c["precision"], c["batch"], c["mode"]) for c in result["cases"]] == [
+        (p, b, m) for p in ("fp32", "bf16") for b in (1, 2) for m in MODES]
+    for case in result["cases"]:
+        expected = {"lora", "folded", "index_scatter"} if case["mode"] == "inference" else {"lora", "index_scatter"}
+        for key in ("ratio", "cpu_ratio", "min_ratio"):
+            assert set(case[key]) == expected and all(r > 0 for r in case[key].values())
+        assert set(case["seconds"]) == expected | {"plain"}
+    # folded keeps E copies of fc1 + fc2 (weights and biases) in the compute dtype
+    ffn_params = 32 * 64 + 64 + 64 * 32 + 32
+    assert result["fold_extra_bytes"] == {"fp32": 3 * ffn_params * 4, "bf16": 3 * ffn_params * 2}
+    assert result["gflops"]["2"]["mole"] > result["gflops"]["2"]["plain"] > result["gflops"]["1"]["plain"] > 0
+    gated = run_mole_bench(tokens=8, dim=32, hidden=64, rank=4, batches=(1,), precisions=("fp32",), repeats=1,
+                           warmup=0, routing="gated")
+    assert gated["variants"] == ["plain", "lora"]  # folding and the reference are sparse-only
     with pytest.raises(ValueError, match="precision"):
-        run_mole_bench(tokens=8, dim=32, hidden=64, precision="fp16")
+        run_mole_bench(tokens=8, dim=32, hidden=64, precisions=("fp16",))
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1", "--precision", "bf16"])
+    plot = tmp_path / "mole.png"
+    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1", "--batch", "1,2",
+                              "--precision", "bf16", "--plot", str(plot)])
     assert args.func(args) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["config"]["tokens"] == 4 and printed["config"]["precision"] == "bf16"
-    assert "train" in printed["ratio"]
+    printed = json.loads(capsys.readouterr().out.split("plot written")[0])
+    assert printed["config"]["tokens"] == 4 and printed["config"]["precisions"] == ["bf16"]
+    assert printed["config"]["batches"] == [1, 2] and plot.stat().st_size > 0
+    table = bench.BENCHES["mole"][1](printed)
+    assert "index_scatter" in table and "folded: extra memory" in table
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "mole", "--precision", "fp16"])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_index_scatter_reference_equals_mole(mode):
+    from movekd.bench.mole_reference import IndexScatterMoLE
+
+    m = layer("sparse").train(mode == "train")  # dropout 0: the two draw different masks otherwise
+    ref = IndexScatterMoLE(m).train(mode == "train")
+    x = torch.randn(2, 65, 32, requires_grad=True)
+    params = list(m.parameters())
+    out, want = m(x), ref(x)
+    torch.testing.assert_close(want, reference_ffn(m, x), rtol=0, atol=1e-5)  # the official semantics
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref.router_probs, m.router_probs)
+    for got, expected in zip(grads(out, [x] + params), grads(want, [x] + params)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sparse"):
+        IndexScatterMoLE(layer("gated"))
 
 
 def test_set_fold_inference_switches_every_layer():

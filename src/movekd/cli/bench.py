@@ -11,28 +11,50 @@ import json
 from typing import Callable
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _precision_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("fp32", "bf16")]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"precision must be fp32, bf16 or both comma-separated, got {text!r}")
+    return values
+
+
+def _single_precision(args: argparse.Namespace) -> str:
+    if args.precision is None:
+        return "fp32"
+    if len(args.precision) != 1:
+        raise SystemExit(f"movekd bench {args.which}: --precision takes one value here, got {','.join(args.precision)}")
+    return args.precision[0]
+
+
 def _bench_mole(args: argparse.Namespace) -> dict:
     from movekd.bench.mole import run_mole_bench
 
-    kwargs = {"tokens": args.tokens, "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
-              "precision": args.precision}
+    kwargs = {"tokens": args.tokens, "batches": args.batch, "repeats": args.repeats, "threads": args.threads,
+              "precisions": args.precision}
     return run_mole_bench(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def _format_mole(result: dict) -> str:
-    lines = [" ".join(f"{k}={v}" for k, v in result.get("config", {}).items())]
-    seconds, fastest = result.get("seconds", {}), result.get("min_seconds", {})
-    if seconds:
-        lines.append(f"{'case':<20}{'plain ms':>10}{'mole ms':>10}{'ratio':>8}{'min ratio':>11}")
-        for mode, pair in seconds.items():
-            best = fastest.get(mode)
-            best_ratio = f"{best['mole'] / best['plain']:.3f}" if best else "-"
-            lines.append(f"{mode:<20}{pair['plain'] * 1e3:>10.1f}{pair['mole'] * 1e3:>10.1f}"
-                         f"{pair['mole'] / pair['plain']:>8.3f}{best_ratio:>11}")
-    for key, value in result.items():
-        if key not in ("config", "seconds", "min_seconds", "ratio", "min_ratio"):
-            lines.append(f"{key}: {value}")
-    return "\n".join(lines)
+    from movekd.bench.mole import format_mole_bench
+
+    return format_mole_bench(result)
+
+
+def _plot_mole(result: dict, path: str) -> None:
+    from movekd.bench.mole import plot_mole_bench
+
+    plot_mole_bench(result, path)
 
 
 def _bench_efficiency(args: argparse.Namespace) -> dict:
@@ -40,7 +62,8 @@ def _bench_efficiency(args: argparse.Namespace) -> dict:
 
     embedded = None if args.embedded == "none" else args.embedded
     return run_efficiency_bench(args.paper, embedded, text_tokens=args.text_tokens or TEXT_TOKENS,
-                                repeats=args.repeats or 5, threads=args.threads, precision=args.precision)
+                                repeats=args.repeats or 5, threads=args.threads,
+                                precision=_single_precision(args))
 
 
 def _format_efficiency(result: dict) -> str:
@@ -76,7 +99,7 @@ def _plot_train(result: dict, path: str) -> None:
 
 # name -> (runner, formatter, plotter or None)
 BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[dict], str], Callable | None]] = {
-    "mole": (_bench_mole, _format_mole, None),
+    "mole": (_bench_mole, _format_mole, _plot_mole),
     "efficiency": (_bench_efficiency, _format_efficiency, _plot_efficiency),
     "train": (_bench_train, _format_train, _plot_train),
 }
@@ -87,9 +110,10 @@ def register(subparsers) -> None:
         "bench",
         help="measure costs (MoLE FFN overhead, single student vs multi-encoder VLM) and print ratios",
         description="Run a benchmark in this process and print its figures. 'mole': plain FFN vs MoLE FFN "
-        "at CLIP ViT-L shapes (inference with the grouped and the folded path, training step with all "
-        "weights trainable, training step with the base frozen); medians of interleaved runs and "
-        "mole/plain ratios. 'efficiency': the MoVE-KD student VLM against the multi-encoder VLM it "
+        "at CLIP ViT-L shapes (paper preset: 3 experts, rank 32): our LoRA path, our folded experts and "
+        "a plain per-expert index-and-scatter layer (the official approach), for inference, a training "
+        "step with all weights trainable and one with the base frozen, at each batch and precision; "
+        "medians of interleaved runs as ratios to the plain FFN, and the folded path's extra memory. 'efficiency': the MoVE-KD student VLM against the multi-encoder VLM it "
         "replaces (every teacher run and concatenated on channels, Eagle-style): FLOPs, parameters and "
         "memory of one prefill counted at paper scale on the meta device, and latency and memory "
         "measured at the embedded scale on this CPU; ratios are multi / single. 'train': each stage's "
@@ -99,14 +123,16 @@ def register(subparsers) -> None:
     )
     parser.add_argument("which", choices=sorted(BENCHES), help="benchmark to run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot (efficiency)")
+    parser.add_argument("--plot", metavar="PNG", default=None, help="also write a plot (PNG)")
     parser.add_argument("--tokens", type=int, default=None, help="mole: tokens per image (default 577: CLIP-L/14 at 336)")
-    parser.add_argument("--batch", type=int, default=None, help="mole: images per step (default 1)")
+    parser.add_argument("--batch", type=_int_list, default=None, metavar="N[,N...]",
+                        help="mole: images per step, comma-separated for several (default 1,8)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per case (train: steps per stage and mode); the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: current setting)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="run every timed case in fp32 or under bf16 autocast (default fp32)")
+    parser.add_argument("--precision", type=_precision_list, default=None, metavar="fp32|bf16[,...]",
+                        help="run every timed case in fp32 or under bf16 autocast (efficiency: default fp32; "
+                        "mole: comma-separated for both, default fp32,bf16)")
     parser.add_argument("--paper", default="paper_llava15_7b_v1.0",
                         help="efficiency: preset counted at paper scale (default paper_llava15_7b_v1.0)")
     parser.add_argument("--embedded", default="demo",
