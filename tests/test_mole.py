@@ -470,4 +470,11 @@ def test_set_fold_inference_switches_every_layer():
         assert all(m._fold_cache is not None for m in mole_layers(model))
         assert set_fold_inference(model, False) == 2
         assert all(m._fold_cache is None for m in mole_layers(model))  # copies freed
+        assert set_fold_inference(model, "auto") == 2  # folded exactly where weights can be pre-packed
+        auto = model(pixels).last_hidden_state
+        packable = kernels.packed_linear_supported(torch.device("cpu"), torch.float32)
+        assert all((m._fold_cache is not None) == packable for m in mole_layers(model))
     torch.testing.assert_close(folded, grouped, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(auto, grouped, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fold_inference"):
+        set_fold_inference(model, "yes")

@@ -96,12 +96,14 @@ def resolve_bundle(path: str | Path) -> Path:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", precision: str | None = None,
-                 fold_experts: bool = True) -> LoadedVLM:
+                 fold_experts: bool | str = "auto") -> LoadedVLM:
     """Load a bundle, a run folder or an ``movekd export`` folder for inference (eval mode).
 
     ``fold_experts``: run sparse-routed MoLE layers on per-expert folded FFN weights (no LoRA FLOPs;
     E extra copies of each FFN in memory, e.g. +604M values for CLIP-L with E=3); other routings are
-    unaffected. ``precision`` overrides the bundle's."""
+    unaffected. ``"auto"`` (default) folds where the copies can be pre-packed (CPU with oneDNN), where
+    ``movekd bench mole`` measured folding faster than the LoRA path in fp32 and bf16; ``False`` keeps
+    the LoRA path (less memory). ``precision`` overrides the bundle's."""
     from movekd.mole import set_fold_inference
     from movekd.vlm import load_tokenizer, load_vlm
 

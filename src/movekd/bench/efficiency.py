@@ -120,7 +120,7 @@ def build_pair(config: TrainConfig, device: str | torch.device = "meta",
                                 mole_every_block=config.model.student.mole_every_block)
     student = student.to(dtype).eval()
     if device.type != "meta":
-        set_fold_inference(student)  # what load_trained does: folded experts where routing allows
+        set_fold_inference(student, "auto")  # what load_trained does: folded experts where routing allows
     grid = (spec.image_size // student.patch_size,) * 2
     teachers = [create_teacher(t.replace(pretrained=False, provides_cls_attention=False), device=device)
                 for t in config.model.teachers]

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
                         help="how the image becomes a square, or anyres: LLaVA-NeXT tiles (bundles trained with it); "
                         "default: as the bundle was trained")
     parser.add_argument("--no-fold", action="store_true",
-                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
+                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies "
+                        "(default: folded where they can be pre-packed, i.e. on CPU)")
     parser.set_defaults(func=_run)
 
 
@@ -23,7 +24,7 @@ def _run(args) -> int:
 
     resolve_bundle(args.checkpoint)  # a wrong path or a bad image fails before the model is loaded
     read_query_image(args.image)
-    loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
+    loaded = load_trained(args.checkpoint, fold_experts=False if args.no_fold else "auto")
     if args.image_aspect_ratio:
         loaded.image_aspect_ratio = args.image_aspect_ratio
     print(answer(loaded, args.image, args.question, args.max_new_tokens))

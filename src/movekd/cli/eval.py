@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--predictions", metavar="FILE",
                         help="also write one JSON line per question (id, type, prediction, answer, correct)")
     parser.add_argument("--no-fold", action="store_true",
-                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies")
+                        help="run MoLE experts as LoRA (less memory) instead of folded per-expert FFN copies "
+                        "(default: folded where they can be pre-packed, i.e. on CPU)")
     parser.set_defaults(func=_run)
 
 
@@ -42,7 +43,7 @@ def _run(args) -> int:
     # A missing or malformed data file fails before the model is loaded.
     for data in filter(None, [args.data, args.prior_data]):
         read_llava_file(resolve_path(data))
-    loaded = load_trained(args.checkpoint, fold_experts=not args.no_fold)
+    loaded = load_trained(args.checkpoint, fold_experts=False if args.no_fold else "auto")
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,
                         image_aspect_ratio=args.image_aspect_ratio)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 from torch import Tensor, nn
 
-from movekd.mole.layer import MoLEFFN
+from movekd.mole.layer import FOLD_CHOICES, MoLEFFN
 
 # (top-level package of the defining module, class name) -> names of the modules between fc1 and fc2
 # (activation first) and after fc2, in forward order.
@@ -65,7 +65,7 @@ def inject_mole(
     init: str = "paper",
     *,
     top_k: int = 2,
-    fold_inference: bool = False,
+    fold_inference: bool | str = False,
     module_filter: Callable[[str], bool] | None = None,
 ) -> nn.Module:
     """Replace every supported FFN in ``model`` by a ``MoLEFFN`` (paper Eq. 1), in place.
@@ -78,8 +78,9 @@ def inject_mole(
         routing: ``"sparse" | "gated" | "dense" | "topk"`` (see ``movekd.mole.layer``).
         init: ``"paper"`` (official kaiming B: output changes at step 0) or ``"zero_b"`` (unchanged).
         top_k: experts per token for ``routing="topk"``.
-        fold_inference: fold experts into per-expert fc1/fc2 copies for sparse eval (fast, E extra
-            copies of the FFN weights in memory).
+        fold_inference: fold experts into per-expert fc1/fc2 copies for sparse eval (no LoRA FLOPs, E
+            extra copies of the FFN weights in memory); ``"auto"``: only where they can be pre-packed
+            (CPU with oneDNN).
         module_filter: optional predicate on the qualified module name (e.g. to skip a text tower).
 
     Returns:
@@ -141,11 +142,14 @@ def mole_layers(model: nn.Module) -> list[MoLEFFN]:
     return [m for m in model.modules() if isinstance(m, MoLEFFN)]
 
 
-def set_fold_inference(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the folded inference path of every MoLE layer of ``model`` on or off; returns how many
-    layers were switched. Folding applies to sparse routing in eval mode without autograd; it trades
-    E extra copies of each FFN's weights (built lazily at the first eval forward) for no LoRA FLOPs.
-    Switching off frees the copies."""
+def set_fold_inference(model: nn.Module, enabled: bool | str = True) -> int:
+    """Switch the folded inference path of every MoLE layer of ``model`` on (True), off (False) or to
+    ``"auto"`` (folded where the weights can be pre-packed: CPU with oneDNN, where ``movekd bench mole``
+    measured it faster than the LoRA path); returns how many layers were switched. Folding applies to
+    sparse routing in eval mode without autograd; it trades E extra copies of each FFN's weights (built
+    lazily at the first eval forward) for no LoRA FLOPs. Switching off frees the copies."""
+    if enabled not in FOLD_CHOICES:
+        raise ValueError(f"fold_inference must be one of {FOLD_CHOICES}, got {enabled!r}")
     layers = mole_layers(model)
     for layer in layers:
         layer.fold_inference = enabled

@@ -15,18 +15,19 @@ Routing modes (``routing=``):
 Three execution paths give the same numbers (tested against a plain per-expert reference):
 
 - *grouped* (default for sparse/gated, training and inference): tokens are sorted by expert once
-  (one d-wide row gather), each expert's LoRA runs on its contiguous segment only (LoRA costs one
-  expert's FLOPs), the wide LoRA output (with fc1's bias folded in) is written first and the big
-  fc1/fc2 GEMMs accumulate onto it in place over *all* tokens, and one d-wide gather restores the
-  token order. Nothing H-wide is gathered, scattered or concatenated (``movekd.mole.kernels``).
-- *folded* (opt-in ``fold_inference=True``; sparse, eval, no autograd): each expert folded into its
-  own cached copy of fc1/fc2 (in the compute dtype), so no LoRA FLOPs; but fc1/fc2 then run once per
-  expert segment, and on CPU each call re-reads and re-packs a full weight. Measured at CLIP-L shapes,
-  2 threads, batch 1-2: fp32 +11-15% over the plain FFN (grouped: +7-12%); under bf16 autocast
-  0.89-0.98x (the cached bf16 copies also skip autocast's per-call weight cast; grouped: +4-13%).
-  It stores E extra copies of fc1+fc2 per layer (CLIP-L, E=3: 604M values), hence off by default.
-  The cache is rebuilt when a weight, its storage or the compute dtype changes, and dropped on
-  ``train()``.
+  (one d-wide row gather), and each of fc1 / fc2 with its experts is one fused autograd kernel
+  (``movekd.mole.kernels.mole_linear``): each expert's LoRA runs on its contiguous segment only (LoRA
+  costs one expert's FLOPs), the wide LoRA output (with the base bias folded in) is written first and
+  the big GEMM accumulates onto it in place over *all* tokens; the backward likewise accumulates the
+  big input-gradient GEMM onto the LoRA's. One d-wide gather restores the token order. Nothing H-wide
+  is gathered, scattered or concatenated.
+- *folded* (``fold_inference=True``, or ``"auto"``: where weights can be pre-packed, i.e. CPU with
+  oneDNN; sparse, eval, no autograd): each expert folded into its own cached copy of fc1/fc2 (in the
+  compute dtype), so no LoRA FLOPs, and on CPU pre-packed once into oneDNN's blocked layout, so the E
+  segment GEMMs re-pack nothing. It stores E extra copies of fc1+fc2 per layer (CLIP-L, E=3: 25M
+  values per layer, 604M over 24 layers; 96 MiB fp32 / 48 MiB bf16 per layer), hence off by default in the layer; ``load_trained``
+  uses ``"auto"``. Measured ratios are in the README (Performance, ``movekd bench mole``). The cache is
+  rebuilt when a weight, its storage or the compute dtype changes, and dropped on ``train()``.
 - *stacked* (dense, topk, and every mode under ``torch.compile`` or on the meta device): all experts
   in one GEMM pair with a per-token gate matrix; static shapes, no host sync, E times the LoRA FLOPs.
 """
@@ -51,6 +52,7 @@ from movekd.mole.kernels import (
 from movekd.mole.lora import LoRAExpert
 
 ROUTINGS = ("sparse", "gated", "dense", "topk")
+FOLD_CHOICES = (False, True, "auto")
 _TICKS = itertools.count()  # global order of router-probability records
 
 
@@ -90,7 +92,7 @@ class MoLEFFN(nn.Module):
         routing: str = "sparse",
         top_k: int = 2,
         init: str = "paper",
-        fold_inference: bool = False,
+        fold_inference: bool | str = False,
     ) -> None:
         super().__init__()
         if routing not in ROUTINGS:
@@ -101,6 +103,8 @@ class MoLEFFN(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if fold_inference not in FOLD_CHOICES:
+            raise ValueError(f"fold_inference must be one of {FOLD_CHOICES}, got {fold_inference!r}")
         self.fc1 = fc1
         self.fc2 = fc2
         # Everything between fc1 and fc2 (activation, timm's drop1/norm) and after fc2 (timm's drop2),
@@ -187,13 +191,22 @@ class MoLEFFN(nn.Module):
         if (self.routing in ("dense", "topk") or torch.compiler.is_compiling() or x2.device.type == "meta"
                 or x2.shape[0] == 0):
             y = self._forward_stacked(x2, self.gates(probs), dtype)
-        elif self.routing == "sparse" and self.fold_inference and not self.training and not torch.is_grad_enabled():
+        elif (self.routing == "sparse" and not self.training and not torch.is_grad_enabled()
+              and self._fold_now(x2.device, dtype or x2.dtype)):
             y = self._forward_folded(x2, probs.argmax(-1), dtype)
         else:
             expert = probs.argmax(-1)
             gate = probs.gather(1, expert[:, None]) if self.routing == "gated" else None
             y = self._forward_grouped(x2, expert, gate, dtype)
         return y.view(*lead, y.shape[-1])
+
+    def _fold_now(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether sparse inference runs on folded experts: ``fold_inference`` True, or ``"auto"`` where
+        the folded GEMMs run on pre-packed weights (CPU with oneDNN, fp32/bf16), the case where
+        ``movekd bench mole`` measured folding faster than the LoRA path (README, Performance)."""
+        if self.fold_inference == "auto":
+            return packed_linear_supported(device, dtype)
+        return bool(self.fold_inference)
 
     def _mid(self, h: Tensor, dtype: torch.dtype | None) -> Tensor:
         if dtype is not None:
