@@ -170,6 +170,7 @@ class _MoLELinear(Function):
         grad = grad.contiguous()
         keep = keep_mask(lanes, p, z.dtype) if lanes is not None else None
         inv_keep = 1.0 / (1.0 - p)
+        rank = low.shape[1]
         need_zd = any(lora_needs[:num])
         zd = (z * keep if keep is not None else z) if need_zd else None
         grad_weight = grad.t().mm(z) if need_w else None
@@ -181,25 +182,25 @@ class _MoLELinear(Function):
         for e, n in enumerate(counts):
             rows = slice(start, start + n)
             g = grad[rows]
-            g_sum = g.sum(0)
-            seg_sums.append(g_sum)
-            if gate is None:
+            gt = gate[rows] if gate is not None else None
+            # g^T [u, (gate,) 1] in one GEMM: the B gradient, the expert-bias gradient and the segment's
+            # column sums (for the base bias) without another pass over the wide gradient.
+            u = low[rows] if gt is None else low[rows] * gt
+            cols = [u] + ([gt] if gt is not None else []) + [u.new_ones(n, 1)]
+            g_cols = torch.mm(g.t(), torch.cat(cols, 1))  # [out, r (+1) + 1]
+            seg_sums.append(g_cols[:, -1])
+            if lora_needs[2 * num + e]:
+                g_b_w[e] = g_cols[:, :rank] * s
+            if lora_needs[3 * num + e]:
+                g_b_b[e] = g_cols[:, rank if gt is not None else -1] * s
+            if gt is None:
                 g_low = torch.mm(g, b_w[e]).mul_(s)  # [n, r]
-                if lora_needs[2 * num + e]:
-                    g_b_w[e] = torch.mm(g.t(), low[rows]).mul_(s)
-                if lora_needs[3 * num + e]:
-                    g_b_b[e] = g_sum * s
             else:
-                gt = gate[rows]
                 g_ucat = torch.mm(g, torch.cat([b_w[e], b_b[e][:, None]], 1)).mul_(s)  # [n, r + 1]
                 g_u = g_ucat[:, :-1]
                 if need_gate:
                     grad_gate[rows] = g_ucat[:, -1:] + (g_u * low[rows]).sum(1, keepdim=True)
                 g_low = g_u * gt
-                if lora_needs[2 * num + e]:
-                    g_b_w[e] = torch.mm(g.t(), low[rows] * gt).mul_(s)
-                if lora_needs[3 * num + e]:
-                    g_b_b[e] = torch.mv(g.t(), gt[:, 0]).mul_(s)
             if lora_needs[num + e]:
                 g_a_b[e] = g_low.sum(0)
             if lora_needs[e]:
