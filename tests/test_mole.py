@@ -435,6 +435,12 @@ def test_bench_function_schema_and_cli(capsys, tmp_path):
     assert "index_scatter" in table and "folded: extra memory" in table
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "mole", "--precision", "fp16"])
+    args = parser.parse_args(["bench", "mole", "--json", "--tokens", "4", "--repeats", "1", "--batch", "1",
+                              "--precision", "fp32", "--mode", "inference"])
+    assert args.func(args) == 0
+    assert [c["mode"] for c in json.loads(capsys.readouterr().out)["cases"]] == ["inference"]
+    with pytest.raises(ValueError, match="modes"):
+        run_mole_bench(tokens=8, dim=32, hidden=64, modes=("serve",))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

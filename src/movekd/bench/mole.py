@@ -77,6 +77,7 @@ def run_mole_bench(
     tokens: int = 577,
     batches: Sequence[int] = (1, 8),
     precisions: Sequence[str] = PRECISIONS,
+    modes: Sequence[str] = MODES,
     repeats: int = 7,
     warmup: int = 2,
     dim: int = 1024,
@@ -91,7 +92,7 @@ def run_mole_bench(
     """Time plain, LoRA-path, folded and index-and-scatter FFNs interleaved; return medians and ratios.
 
     Defaults are the paper preset at CLIP ViT-L/14-336 (E=3 experts, rank 32, dropout 0.05, sparse
-    top-1, 577 tokens). Returns ``config``; ``cases``: one entry per (precision, batch, mode) with
+    top-1, 577 tokens); ``modes`` is any of ``MODES``. Returns ``config``; ``cases``: one entry per (precision, batch, mode) with
     ``seconds`` / ``cpu_seconds`` (medians per variant), ``ratio`` / ``cpu_ratio`` / ``min_ratio``
     (variant / plain of the medians, of the CPU-time medians, of the fastest runs); ``fold_extra_bytes``
     and ``ffn_weight_bytes`` per precision (one FFN layer); ``gflops`` per batch (analytic forward).
@@ -99,6 +100,8 @@ def run_mole_bench(
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ValueError(f"precision must be among {PRECISIONS}, got {list(precisions)!r}")
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be among {MODES}, got {list(modes)!r}")
     if not batches or any(int(b) < 1 for b in batches):
         raise ValueError(f"batches must be positive integers, got {list(batches)!r}")
     if repeats < 1 or warmup < 0 or tokens < 1:
@@ -118,13 +121,13 @@ def run_mole_bench(
         cases = []
         for precision in precisions:
             for batch in batches:
-                cases += _run_cases(modules, int(batch), tokens, dim, precision, repeats, warmup)
+                cases += _run_cases(modules, int(batch), tokens, dim, precision, modes, repeats, warmup)
     finally:
         torch.set_num_threads(previous_threads)
     return {
         "config": {
             "tokens": tokens, "batches": [int(b) for b in batches], "precisions": list(precisions),
-            "repeats": repeats, "dim": dim, "hidden": hidden, "num_experts": num_experts, "rank": rank,
+            "modes": list(modes), "repeats": repeats, "dim": dim, "hidden": hidden, "num_experts": num_experts, "rank": rank,
             "routing": routing, "dropout": dropout, "threads": used_threads,
         },
         "variants": [v for v in VARIANTS if v in modules],
@@ -136,7 +139,8 @@ def run_mole_bench(
 
 
 def _run_cases(
-    modules: dict[str, nn.Module], batch: int, tokens: int, dim: int, precision: str, repeats: int, warmup: int
+    modules: dict[str, nn.Module], batch: int, tokens: int, dim: int, precision: str, modes: Sequence[str],
+    repeats: int, warmup: int,
 ) -> list[dict]:
     generator = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, tokens, dim, generator=generator)
@@ -177,7 +181,7 @@ def _run_cases(
         return run
 
     results = []
-    for mode in MODES:
+    for mode in modes:
         runs = {
             name: infer(m, name == "folded") if mode == "inference" else train(m, mode == "train_frozen_base")
             for name, m in modules.items() if mode == "inference" or name != "folded"

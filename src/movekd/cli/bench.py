@@ -29,6 +29,14 @@ def _precision_list(text: str) -> list[str]:
     return values
 
 
+def _mode_list(text: str) -> list[str]:
+    modes = ("inference", "train", "train_frozen_base")
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in modes for v in values):
+        raise argparse.ArgumentTypeError(f"mode must be among {', '.join(modes)} (comma-separated), got {text!r}")
+    return values
+
+
 def _single_precision(args: argparse.Namespace) -> str:
     if args.precision is None:
         return "fp32"
@@ -41,7 +49,7 @@ def _bench_mole(args: argparse.Namespace) -> dict:
     from movekd.bench.mole import run_mole_bench
 
     kwargs = {"tokens": args.tokens, "batches": args.batch, "repeats": args.repeats, "threads": args.threads,
-              "precisions": args.precision}
+              "precisions": args.precision, "modes": args.mode}
     return run_mole_bench(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -127,6 +135,8 @@ def register(subparsers) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="mole: tokens per image (default 577: CLIP-L/14 at 336)")
     parser.add_argument("--batch", type=_int_list, default=None, metavar="N[,N...]",
                         help="mole: images per step, comma-separated for several (default 1,8)")
+    parser.add_argument("--mode", type=_mode_list, default=None, metavar="MODE[,MODE...]",
+                        help="mole: inference, train, train_frozen_base, comma-separated (default all)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per case (train: steps per stage and mode); the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: current setting)")
