@@ -86,6 +86,7 @@ def test_any_file_is_scanned_or_refused_cleanly(tmp_path_factory, content, cut, 
     assert len(scan.samples) + len(scan.problems) == scan.total
 
 
+@settings(deadline=None)  # a pure function: a deadline only measures the machine's load (flaky at load 8)
 @given(counts=st.dictionaries(st.sampled_from(PROBLEM_KINDS), st.integers(0, 50), max_size=4),
        total=st.integers(1, 1000), ratio=st.floats(0, 1), strict=st.booleans())
 def test_skip_budget_is_a_clean_error_with_the_counts(counts, total, ratio, strict):
