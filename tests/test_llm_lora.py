@@ -74,6 +74,23 @@ def test_lora_resume_continues_the_same_trajectory(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_adapters_are_off_until_a_stage_trains_the_llm(tmp_path):
+    # stage 1 (LLM frozen) skips the zero adapters' matmuls; stage 2 switches them on and trains them
+    from peft.tuners.lora import LoraLayer
+
+    config = load_config(lora_config(tmp_path, steps=(2, 2)))
+    system = build_system(config)
+    states = []
+
+    def on_log(record):
+        layers = [m for m in system.model.vlm.llm.modules() if isinstance(m, LoraLayer)]
+        trained_b = sum(float(p.abs().sum()) for n, p in named_groups(system.model)["llm"] if "lora_B" in n)
+        states.append((record["stage"], {m.disable_adapters for m in layers}, trained_b > 0))
+
+    train(config, system=system, show_progress=False, on_log=on_log)
+    assert states == [("pretrain", {True}, False)] * 2 + [("finetune", {False}, True)] * 2
+
+
 def test_merged_bundle_gives_the_unmerged_logits_without_peft(tmp_path):
     from movekd.inference import load_trained
 

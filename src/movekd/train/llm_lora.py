@@ -52,6 +52,26 @@ def has_llm_lora(llm: nn.Module) -> bool:
     return any(isinstance(m, LoraLayer) for m in llm.modules())
 
 
+def set_llm_lora_active(llm: nn.Module, active: bool) -> int:
+    """Switch every LoRA adapter of ``llm`` on or off; return how many layers were switched.
+
+    Before any stage has trained them the adapters are exact no-ops (B = 0) that still cost two
+    small matmuls forward and backward in every one of the LLM's linear layers: the loop switches
+    them off until the first stage that trains ``llm`` (stage 1 of LLaVA, where the LLM is frozen).
+    ``requires_grad`` is left to :func:`movekd.train.groups.set_trainable`, called afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for module in llm.modules():
+        if isinstance(module, LoraLayer):
+            grads = [p.requires_grad for p in module.parameters()]
+            module.enable_adapters(active)
+            for p, grad in zip(module.parameters(), grads):  # peft's toggle also sets requires_grad
+                p.requires_grad_(grad)
+            switched += 1
+    return switched
+
+
 @torch.no_grad()
 def merge_llm_lora(llm: nn.Module) -> int:
     """Fold every LoRA adapter into its base layer (in the base weight's dtype) and put the plain base

@@ -30,6 +30,7 @@ from movekd.train.config import TrainConfig, config_dict
 from movekd.train.data_check import scan_stages
 from movekd.train.distributed import RankSync, agree_on_step, global_record
 from movekd.train.groups import set_trainable
+from movekd.train.llm_lora import set_llm_lora_active
 from movekd.train.metrics_log import MetricsLog, truncate_metrics
 from movekd.train.optim import build_optimizer, build_scheduler
 from movekd.train.precision import match_checkpoint_dtypes, upcast_trainable
@@ -204,6 +205,9 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
             log.info("stage %s: continuing at step %d", stage.name, state["step"])
         if sharded:  # before the optimiser is built: its parameters must be the sharded ones
             sharding.shard_model(accelerator, model, _trained_by_any_stage(system, config))
+        if config.model.llm_lora is not None:
+            # zero adapters are skipped until a stage trains them (or has trained them)
+            set_llm_lora_active(system.model.vlm.llm, any("llm" in s.train for s in config.stages[:stage_index + 1]))
         groups = set_trainable(system, stage.train)
         if upcast_trainable(groups, keep_dtype=not config.trainable_fp32):
             log.info("stage %s: half-precision trainable parameters cast to float32", stage.name)
