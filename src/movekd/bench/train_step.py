@@ -123,6 +123,7 @@ def run_train_bench(config: str | TrainConfig = "demo", *, steps: int = 4, warmu
     """Time ``steps`` training steps per stage and mode of ``config``; see the module docstring."""
     from movekd.train.build import build_system
     from movekd.train.groups import set_trainable
+    from movekd.train.llm_lora import set_llm_lora_active
     from movekd.train.optim import build_optimizer
     from movekd.train.teacher_cache import TeacherCache
 
@@ -138,7 +139,9 @@ def run_train_bench(config: str | TrainConfig = "demo", *, steps: int = 4, warmu
     result = {"config": {"preset": config.name, "precision": config.precision, "steps": steps, "warmup": warmup,
                          "threads": torch.get_num_threads()},
               "matmul_gflops": {k: v / 1e9 for k, v in rates.items()}, "stages": {}}
-    for stage in config.stages:
+    for index, stage in enumerate(config.stages):
+        if config.model.llm_lora is not None:  # as the loop: zero adapters off until a stage trains them
+            set_llm_lora_active(system.model.vlm.llm, any("llm" in s.train for s in config.stages[:index + 1]))
         groups = set_trainable(system, stage.train)
         params = [p for group in groups.values() for p in group]
         optimizer = build_optimizer(groups, {g: stage.lrs.get(g, stage.lr) for g in groups}, stage.weight_decay)
