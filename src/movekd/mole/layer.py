@@ -130,6 +130,10 @@ class MoLEFFN(nn.Module):
         self.record_probs: bool = False
         self.router_probs: Tensor | None = None
         self.router_tick: int | None = None
+        # Which experts some token was routed to since the last optimiser step (forwards under
+        # autograd only): an expert no token chose gets no gradient (None), and a sharded run must
+        # keep it that way (movekd.train.sharding.drop_unrouted_expert_grads).
+        self.experts_routed = [False] * num_experts
         self._fold_cache: tuple | None = None
         self._fold_key: tuple | None = None
 
@@ -191,6 +195,8 @@ class MoLEFFN(nn.Module):
         if (self.routing in ("dense", "topk") or torch.compiler.is_compiling() or x2.device.type == "meta"
                 or x2.shape[0] == 0):
             y = self._forward_stacked(x2, self.gates(probs), dtype)
+            if torch.is_grad_enabled():  # every expert is in the graph (zero gates give zero gradients)
+                self.experts_routed = [True] * self.num_experts
         elif (self.routing == "sparse" and not self.training and not torch.is_grad_enabled()
               and self._fold_now(x2.device, dtype or x2.dtype)):
             y = self._forward_folded(x2, probs.argmax(-1), dtype)
@@ -230,6 +236,8 @@ class MoLEFFN(nn.Module):
     # ------------------------------------------------------------------ grouped (top-1)
     def _forward_grouped(self, x: Tensor, expert: Tensor, gate: Tensor | None, dtype: torch.dtype | None) -> Tensor:
         order, inverse, counts = _group_by_expert(expert, self.num_experts)
+        if torch.is_grad_enabled():
+            self.experts_routed = [was or n > 0 for was, n in zip(self.experts_routed, counts)]
         xs = permute_rows(x, order, inverse)  # the only gather of inputs (d wide)
         gs = permute_rows(gate, order, inverse).to(x.dtype) if gate is not None else None
         h = self._linear_grouped(self.fc1, self.moe_down, xs, counts, gs, dtype)

@@ -167,12 +167,8 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         match_checkpoint_dtypes(model, resume_dir / ckpt.WEIGHTS)  # fp32 trained copies stay fp32
         ckpt.load_model_weights(model, resume_dir)
     sharded = sharding.is_sharded(accelerator)
-    if sharded and resume_dir is not None:
-        raise NotImplementedError(sharding.RESUME_ERROR)
     if sharded and config.model.llm_lora is not None:
         raise NotImplementedError(sharding.LORA_ERROR)
-    if sharded and "llm" in config.stages[state["stage"]].train:
-        raise NotImplementedError(sharding.FIRST_STAGE_LLM_ERROR)
     launch = {"strategy": sharding.strategy_name(accelerator), "processes": accelerator.num_processes,
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
     log.info("launch: %s", launch)
@@ -240,6 +236,11 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 sharding.load_full_optimizer_state(prepared, _inner(optimizer),
                                                    ckpt.load_torch_state(resume_dir / "optimizer.pt"))
         prepared.train()
+        # The norm is taken over the parameters the optimiser updates *after* prepare: FSDP2's root
+        # fully_shard replaces the root's parameters (embeddings, projector, adapters, lm_head) with new
+        # sharded ones, so the pre-prepare ``groups`` would leave them out of the norm (their stale
+        # objects never get a gradient) and clip by a smaller norm than the one-process run.
+        clipped = [p for group in _inner(optimizer).param_groups for p in group["params"]]
         skips = SkipCounter()
         skips.load_state_dict(state["skips"])
         if fresh:  # the scan's problems count towards the stage's skips (and max_skip_ratio)
@@ -320,6 +321,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                     if not finite:  # on some rank: every rank skips this step
                         state["bad_steps"] += 1
                         optimizer.zero_grad(set_to_none=True)
+                        sharding.forget_routed_experts(prepared)
                         log.warning("non-finite loss at stage %s step %d (%s); step skipped",
                                     stage.name, state["step"], losses.scalars())
                         if state["bad_steps"] >= MAX_BAD_STEPS:
@@ -335,7 +337,9 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 micro += 1
                 if not sync:
                     continue
-                accelerator.clip_grad_norm_([p for g in groups.values() for p in g], 1.0)
+                if sharded:  # before the norm: FSDP2 gave the unrouted experts zeros, not None
+                    sharding.drop_unrouted_expert_grads(prepared, ranks)
+                accelerator.clip_grad_norm_(clipped, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
