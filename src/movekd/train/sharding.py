@@ -13,18 +13,25 @@ the wrapping is ours:
   stay out of the optimiser and of the checkpoints exactly as under DDP.
 - **MoLE top-1 routing** leaves experts that no token chose without gradient on some rank; FSDP2
   then reduce-scatters zeros for them (``set_reduce_scatter_unused_params``), so every rank joins
-  the same collectives (DDP's ``find_unused_parameters`` plays that role under DDP).
+  the same collectives (DDP's ``find_unused_parameters`` plays that role under DDP); the loop
+  then turns the zeros of experts no rank routed to back into ``None`` (see below).
 - **fp32 trained weights**: FSDP2 needs one dtype per unit and never re-shards a changed dtype, so
   every parameter that *some* stage trains is cast to float32 before wrapping (compute follows the
   mixed-precision policy / autocast).
 
 Checkpoints hold consolidated (full) weights and a consolidated optimiser state keyed by parameter
 name, gathered on rank 0; the final bundle is written from the consolidated weights and loads in
-one process unchanged. Known limitation, refused rather than trained wrong: when the first stage a process wraps trains the
-LLM (a one-stage run, or a resume in stage 2), the 2-process run left the one-process trajectory
-(6e-4 after 2 steps; 1.4e-4 after one resumed step, with equal losses and optimiser states), cause not
-found; the presets' stage 1 (LLM frozen) then stage 2 match to 1e-5. Resuming under FSDP is refused
-(:data:`RESUME_ERROR`), and so is a first stage that trains the LLM (:data:`FIRST_STAGE_LLM_ERROR`).
+one process unchanged. A resumed run loads them into the sharded parameters after ``prepare``.
+
+Two things differ from DDP and are handled in the loop, so that N sharded processes train as one
+process does (tests/test_train_ddp.py; figures in README, Multi-GPU and multi-node):
+
+- the gradient norm (clipping) is taken over the optimiser's parameters *after* ``prepare``: the
+  root ``fully_shard`` replaces the root unit's parameters (embeddings, lm_head, projector,
+  adapters) with new sharded ones, and the pre-prepare objects never receive a gradient;
+- MoLE experts that no token on any rank chose get no gradient (:func:`drop_unrouted_expert_grads`),
+  not the zeros FSDP2 reduce-scatters for unused parameters.
+
 On CPU (tests), Accelerate does not apply FSDP plugins; :func:`enable_cpu_fsdp` does it.
 """
 
@@ -36,17 +43,10 @@ import torch
 from torch import nn
 
 TEACHERS_PREFIX = "teachers."
-FIRST_STAGE_LLM_ERROR = (
-    "under FSDP the first stage this process runs must not train the llm: a run whose first sharded "
-    "stage trained everything was measured 6e-4 away from the one-process run (2 CPU processes; cause "
-    "not found), while a stage-1 (llm frozen) then stage-2 run matches to 1e-5. Start from a stage that "
-    "keeps the llm frozen, or train under DDP / DeepSpeed ZeRO-2")
 LORA_ERROR = ("model.llm_lora under FSDP is not supported: a decoder layer would hold bf16 frozen weights "
               "and fp32 LoRA adapters in one FSDP2 unit (one dtype per unit), and it was never run; train "
               "LoRA under DDP or DeepSpeed ZeRO-2 (with LoRA the LLM has no gradients or optimiser states, "
               "so DDP fits: see README, LoRA on the LLM)")
-RESUME_ERROR = ("resuming under FSDP is not supported yet (a resumed run was measured to leave the "
-                "uninterrupted trajectory); resume this checkpoint's weights with a fresh run or train under DDP")
 
 
 def strategy_name(accelerator) -> str:
@@ -132,8 +132,7 @@ def drop_unrouted_expert_grads(model: nn.Module, ranks) -> int:
 
     FSDP2 reduce-scatters *zeros* for them (``set_reduce_scatter_unused_params``: every rank must
     join the same collectives), and AdamW treats a zero gradient as a real one: it advances the
-    expert's step count and moves it along its old momentum (measured: 3.4e-4 from the one-process
-    run after 2 steps, lr 1e-3), while a ``None`` gradient leaves the expert untouched."""
+    expert's step count and moves it along its old momentum, while a ``None`` gradient leaves the expert untouched."""
     from movekd.mole import mole_layers
 
     layers = mole_layers(model)
