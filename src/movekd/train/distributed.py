@@ -6,15 +6,19 @@ Two rules keep N processes equivalent to one process with the same global batch:
    not finite must not ``continue`` alone: the other ranks would enter backward, and one rank's
    gradient all-reduce would pair with another rank's next batch. Every skip decision is an
    all-reduced flag, so all ranks skip the same micro-batch.
-2. **Means are global.** Each loss term is a mean over items: supervised tokens (``L_text``),
-   distilled samples (``L_kd``, Eq. 2) and samples (``L_bal``). DDP averages gradients over ranks,
-   so a rank's per-rank mean would weight a token by ``1 / (world * n_rank)`` instead of
-   ``1 / n_global``. As transformers' ``average_tokens_across_devices``, the item counts are
-   all-reduced and each rank's term is rescaled by ``n_rank * world / n_global``; the average over
-   ranks is then exactly the global mean (its gradient too). The balance loss is a per-sample mean
-   of ``sum_e importance_e * load_e`` (functional/balance.py), so it decomposes the same way.
+2. **Means are global, over the whole optimiser step.** Each loss term is a mean over items:
+   supervised tokens (``L_text``), distilled samples (``L_kd``, Eq. 2) and samples (``L_bal``).
+   DDP averages gradients over ranks and gradient accumulation sums micro-batches, so per-micro-batch
+   means would weight a token by ``1 / (world * accum * n_micro)`` instead of ``1 / n_step``. As
+   transformers' ``num_items_in_batch`` with ``average_tokens_across_devices``, the loop reads the
+   item counts of every micro-batch of the step from the batches before any forward
+   (:func:`batch_item_counts`), all-reduces their sums once (:func:`step_item_totals`), and each
+   micro-batch's term is rescaled by ``n_micro * world / n_step`` (:func:`agree_on_step`); summed
+   over micro-batches and averaged over ranks, that is exactly the step's global mean (its gradient
+   too). The balance loss is a per-sample mean of ``sum_e importance_e * load_e``
+   (functional/balance.py), so it decomposes the same way.
 
-With one process nothing is rescaled or reduced, so single-process numerics are unchanged.
+With one process and no accumulation the scale is exactly 1, so numerics are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 
 import torch
 
+from movekd.data import IGNORE_INDEX
 from movekd.train.kd_model import StepLosses
 
 TERMS = ("text", "kd", "balance")
@@ -58,35 +63,74 @@ class RankSync:
         return out
 
 
-def agree_on_step(sync: RankSync, losses: StepLosses, lambda_kd: float, lambda_balance: float
-                  ) -> tuple[StepLosses, bool]:
-    """``(losses with globally normalised terms, finite on every rank)``: one all-reduce of the item
-    counts and of a non-finite flag. Unchanged losses with one process."""
+def batch_item_counts(batch: dict, kd_on_text_only: bool) -> dict[str, int]:
+    """The items each loss term of ``batch`` averages over, read from the collated batch before the
+    forward (right padding): supervised targets after the causal shift (image tokens are expanded
+    after position 0 and never supervised, so the shift drops the same first column), distilled
+    samples (those with an image unless ``kd_on_text_only``) and samples (balance). The forward
+    reports the same counts for the terms it computes; :func:`agree_on_step` checks that."""
+    labels = batch["labels"]
+    samples = int(labels.shape[0])
+    has_image = batch.get("has_image")
+    distilled = samples if has_image is None or kd_on_text_only else int(has_image.bool().sum())
+    return {"text": int((labels[:, 1:] != IGNORE_INDEX).sum()), "kd": distilled, "balance": samples}
+
+
+def step_item_totals(sync: RankSync, micro_counts: list[dict[str, int]]) -> dict[str, float]:
+    """Item counts of one optimiser step: summed over its micro-batches and over ranks (one all-reduce)."""
+    local = [float(sum(c[t] for c in micro_counts)) for t in TERMS]
+    return dict(zip(TERMS, sync.sum(local)))
+
+
+def agree_on_step(sync: RankSync, losses: StepLosses, lambda_kd: float, lambda_balance: float,
+                  expected: dict[str, int], totals: dict[str, float]) -> tuple[StepLosses, bool]:
+    """``(losses with step-normalised terms, finite on every rank)`` for one micro-batch whose item
+    counts are ``expected`` (:func:`batch_item_counts`) in a step of ``totals``
+    (:func:`step_item_totals`). One all-reduce of a non-finite flag with several processes."""
     finite = bool(torch.isfinite(losses.total))
-    if not sync.active:
-        return losses, finite
-    reduced = sync.sum([float(losses.counts.get(t, 0)) for t in TERMS] + [float(not finite)])
-    totals, bad = dict(zip(TERMS, reduced[:3])), reduced[3] > 0
-    if bad:
+    if sync.active:
+        finite = not sync.any(not finite)
+    if not finite:
         return losses, False
+    for name in TERMS:
+        if getattr(losses, name) is not None and losses.counts.get(name) != expected[name]:
+            raise RuntimeError(
+                f"the forward averaged the {name} loss over {losses.counts.get(name)} items but the batch has "
+                f"{expected[name]}: movekd.train.distributed.batch_item_counts no longer matches MoveKDModel")
 
     def rescale(term, name):
         if term is None or not totals[name]:
             return None
-        return term * (losses.counts[name] * sync.world / totals[name])
+        scale = expected[name] * sync.world / totals[name]
+        return term if scale == 1.0 else term * scale
 
     text = rescale(losses.text, "text")
     if text is None:  # no supervised token on any rank: keep the graph, contribute nothing
         text = losses.text.nan_to_num() * 0.0
     kd, balance = rescale(losses.kd, "kd"), rescale(losses.balance, "balance")
-    total = text
-    if kd is not None:
-        total = total + lambda_kd * kd
-    if balance is not None:
-        total = total + lambda_balance * balance
+    if text is losses.text and kd is losses.kd and balance is losses.balance:
+        total = losses.total  # nothing rescaled (one process, one micro-batch): the forward's own sum
+    else:
+        total = text
+        if kd is not None:
+            total = total + lambda_kd * kd
+        if balance is not None:
+            total = total + lambda_balance * balance
     return StepLosses(total=total, text=text, kd=kd, balance=balance, kd_per_teacher=losses.kd_per_teacher,
                       teacher_weights=losses.teacher_weights, expert_usage=losses.expert_usage,
                       counts=losses.counts), True
+
+
+def step_record(records: list[dict[str, float]]) -> dict[str, float]:
+    """One rank's record of an optimiser step from its micro-batches' records: the rescaled terms
+    add up (their sum over micro-batches, averaged over ranks, is the step's global mean), the
+    diagnostics are averaged."""
+    keys = sorted({k for r in records for k in r})
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        out[key] = sum(values) if key in ("loss", *TERMS) else sum(values) / len(values)
+    return out
 
 
 def global_record(sync: RankSync, record: dict[str, float]) -> dict[str, float]:

@@ -28,7 +28,14 @@ from movekd.train import sharding
 from movekd.train.build import System, build_system, stage_dataset
 from movekd.train.config import TrainConfig, config_dict
 from movekd.train.data_check import scan_stages
-from movekd.train.distributed import RankSync, agree_on_step, global_record
+from movekd.train.distributed import (
+    RankSync,
+    agree_on_step,
+    batch_item_counts,
+    global_record,
+    step_item_totals,
+    step_record,
+)
 from movekd.train.groups import set_trainable
 from movekd.train.llm_lora import set_llm_lora_active
 from movekd.train.metrics_log import MetricsLog, truncate_metrics
@@ -258,6 +265,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         bar = tqdm(total=total, initial=state["step"], desc=f"stage {stage.name}", unit="step",
                    disable=not (show_progress and accelerator.is_main_process), dynamic_ncols=True)
         step_records: list[dict] = []
+        pending: list[dict] = []  # micro-batches of the optimiser step being gathered
 
         def save(tag: str) -> None:
             accelerator.wait_for_everyone()
@@ -295,7 +303,6 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                                     num_workers=config.num_workers, drop_last=True, persistent_workers=False,
                                     worker_init_fn=ignore_stop_signals,
                                     generator=torch.Generator().manual_seed(config.seed))
-            micro = 0
             for batch in loader:
                 state["position"] += stage.batch_size * accelerator.num_processes
                 skips.update(batch)
@@ -303,39 +310,48 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 # gradient all-reduces keep pairing the same micro-batches (movekd.train.distributed).
                 if ranks.any(batch["input_ids"].shape[0] == 0):
                     continue
-                sync = (micro + 1) % stage.grad_accum == 0
-                context = accelerator.no_sync(prepared) if not sync else nullcontext()
-                with context, accelerator.autocast():
-                    losses = prepared(
-                        images=batch["images"].to(accelerator.device),
-                        input_ids=batch["input_ids"].to(accelerator.device),
-                        attention_mask=batch["attention_mask"].to(accelerator.device),
-                        labels=batch["labels"].to(accelerator.device),
-                        has_image=batch["has_image"].to(accelerator.device),
-                        image_keys=[dataset.image_key(i) for i in batch["indices"]],
-                        use_kd=stage.kd,
-                        segment_ids=(batch["segment_ids"].to(accelerator.device)
-                                     if "segment_ids" in batch else None),
-                    )
-                    losses, finite = agree_on_step(ranks, losses, config.kd.lambda_kd, config.kd.lambda_balance)
-                    if not finite:  # on some rank: every rank skips this step
-                        state["bad_steps"] += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        sharding.forget_routed_experts(prepared)
-                        log.warning("non-finite loss at stage %s step %d (%s); step skipped",
-                                    stage.name, state["step"], losses.scalars())
-                        if state["bad_steps"] >= MAX_BAD_STEPS:
-                            save(f"nonfinite-step{state['global_step']}")
-                            raise NonFiniteLossError(
-                                f"{MAX_BAD_STEPS} non-finite losses in stage {stage.name}; last terms "
-                                f"{losses.scalars()}. A checkpoint before the failure is in {run_dir}/checkpoints; "
-                                "try a lower learning rate or precision=fp32")
-                        micro = 0
-                        continue
-                    accelerator.backward(losses.total / stage.grad_accum)
-                step_records.append(losses.scalars())
-                micro += 1
-                if not sync:
+                pending.append(batch)
+                if len(pending) < stage.grad_accum:
+                    continue
+                # One optimiser step over the pending micro-batches: every loss term is normalised by
+                # its item count over all of them and over all ranks (movekd.train.distributed).
+                micro_counts = [batch_item_counts(b, config.kd.kd_on_text_only) for b in pending]
+                totals = step_item_totals(ranks, micro_counts)
+                step, pending = pending, []
+                for index, (batch, counts) in enumerate(zip(step, micro_counts)):
+                    last = index == len(step) - 1
+                    context = accelerator.no_sync(prepared) if not last else nullcontext()
+                    with context, accelerator.autocast():
+                        losses = prepared(
+                            images=batch["images"].to(accelerator.device),
+                            input_ids=batch["input_ids"].to(accelerator.device),
+                            attention_mask=batch["attention_mask"].to(accelerator.device),
+                            labels=batch["labels"].to(accelerator.device),
+                            has_image=batch["has_image"].to(accelerator.device),
+                            image_keys=[dataset.image_key(i) for i in batch["indices"]],
+                            use_kd=stage.kd,
+                            segment_ids=(batch["segment_ids"].to(accelerator.device)
+                                         if "segment_ids" in batch else None),
+                        )
+                        losses, finite = agree_on_step(ranks, losses, config.kd.lambda_kd, config.kd.lambda_balance,
+                                                       counts, totals)
+                        if not finite:  # on some rank: every rank drops this optimiser step
+                            break
+                        accelerator.backward(losses.total)
+                    step_records.append(losses.scalars())
+                if not finite:
+                    state["bad_steps"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    sharding.forget_routed_experts(prepared)
+                    step_records = []
+                    log.warning("non-finite loss at stage %s step %d (%s); step skipped",
+                                stage.name, state["step"], losses.scalars())
+                    if state["bad_steps"] >= MAX_BAD_STEPS:
+                        save(f"nonfinite-step{state['global_step']}")
+                        raise NonFiniteLossError(
+                            f"{MAX_BAD_STEPS} non-finite losses in stage {stage.name}; last terms "
+                            f"{losses.scalars()}. A checkpoint before the failure is in {run_dir}/checkpoints; "
+                            "try a lower learning rate or precision=fp32")
                     continue
                 if sharded:  # before the norm: FSDP2 gave the unrouted experts zeros, not None
                     sharding.drop_unrouted_expert_grads(prepared, ranks)
@@ -343,13 +359,12 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                micro = 0
                 state["step"] += 1
                 state["global_step"] += 1
                 state["bad_steps"] = 0
                 total_steps_done += 1
                 bar.update()
-                record = global_record(ranks, _mean(step_records))
+                record = global_record(ranks, step_record(step_records))
                 step_records = []
                 window.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", **({"kd": f"{record['kd']:.3f}"} if "kd" in record else {}))
