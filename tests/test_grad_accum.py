@@ -19,16 +19,18 @@ from test_train_ddp import logged, rank_weights, run_workers
 from train_fixtures import tiny_config
 
 
-def _vary_items(data: Path, text_only_every: int | None) -> None:
+def _vary_items(data: Path, text_only: tuple[int, ...], seed: int) -> None:
     """Answers of 1-3 words, and (stage 2) some text-only samples: micro-batches then differ in
-    supervised tokens and in distilled samples. Twice the samples (24): two steps of 8 stay in one
+    supervised tokens and in distilled samples (``text_only``: positions in the stage's data order).
+    Twice the samples (24): two steps of 8 stay in one
     epoch, where the last partial batch of 8 and of 4 would differ."""
     samples = json.loads(data.read_text())
     samples += [{**sample, "id": sample["id"] + "-again"} for sample in samples]
+    text_only_ids = {ResumableSampler(len(samples), seed).order()[p] for p in text_only}
     for i, sample in enumerate(samples):
         sample["conversations"] = [dict(turn) for turn in sample["conversations"]]
         sample["conversations"][1]["value"] += " very" * (i % 3)
-        if text_only_every and i % text_only_every == 1:
+        if i in text_only_ids:
             del sample["image"]
             sample["conversations"][0]["value"] = sample["conversations"][0]["value"].replace("<image>\n", "")
     data.write_text(json.dumps(samples))
@@ -39,9 +41,9 @@ def _configs(tmp_path: Path, micro_batch: int, accum: int) -> tuple[dict, dict]:
     whole, split = tiny_config(tmp_path / "whole", steps=(2, 2)), tiny_config(tmp_path / "split", steps=(2, 2))
     for config, batch, steps in ((whole, 8, 1), (split, micro_batch, accum)):
         config["model"]["student"]["mole"]["dropout"] = 0.0
-        for stage, text_only_every in zip(config["stages"], (None, 3)):
+        for index, (stage, text_only) in enumerate(zip(config["stages"], ((), (0, 4, 5, 8, 12, 13, 14)))):
             stage.update(batch_size=batch, grad_accum=steps)
-            _vary_items(Path(stage["data"]), text_only_every)
+            _vary_items(Path(stage["data"]), text_only, config["seed"] + index)
     return whole, split
 
 
