@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,10 @@ def test_lora_resume_continues_the_same_trajectory(tmp_path):
     assert a.keys() == b.keys() and any(is_lora_parameter(k) for k in a)
     saved = ckpt.load_weights(ckpt.latest_checkpoint(config.run_dir) / ckpt.WEIGHTS)
     assert any(is_lora_parameter(k) for k in saved)  # checkpoints hold the adapters
+    # ... and not the LLM's own frozen weights: resume reloaded them from model.llm
+    base = {k for k in a if k.startswith("vlm.llm.") and not is_lora_parameter(k)}
+    assert base and not base & set(saved)
+    assert set(saved) == set(a) - base
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
@@ -89,6 +94,20 @@ def test_adapters_are_off_until_a_stage_trains_the_llm(tmp_path):
 
     train(config, system=system, show_progress=False, on_log=on_log)
     assert states == [("pretrain", {True}, False)] * 2 + [("finetune", {False}, True)] * 2
+
+
+def test_lora_resume_refuses_a_changed_base_llm(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = load_config(lora_config(tmp_path, steps=(1, 2)))
+    train(config, show_progress=False, stop_after_steps=2)  # one LoRA step, checkpoint without the base
+    weights_file = next(Path(config.model.llm).glob("*.safetensors"))
+    state = load_file(str(weights_file))
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name] = state[name] + 1e-3
+    save_file(state, str(weights_file), metadata={"format": "pt"})
+    with pytest.raises(ckpt.CheckpointError, match="frozen weights it reloads from model.llm"):
+        train(config, resume=config.run_dir, show_progress=False)
 
 
 def test_merged_bundle_gives_the_unmerged_logits_without_peft(tmp_path):

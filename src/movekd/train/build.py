@@ -78,6 +78,7 @@ class System:
     image_size: int
     num_image_tokens: int
     always_frozen: set[str] = field(default_factory=set)
+    _reloadable_fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
     def pad_token_id(self) -> int:
@@ -102,6 +103,24 @@ class System:
         if stage.image_aspect_ratio == "anyres":
             return self.model.vlm.anyres.max_tokens()
         return self.num_image_tokens
+
+    def resumable_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(weights, metadata)`` of a training checkpoint: :meth:`checkpoint_weights` without the
+        LLM's own weights when ``model.llm_lora`` is set (they never train: resume reloads them from
+        ``model.llm``, checked by a fingerprint in the metadata)."""
+        from movekd.train import checkpoint as ckpt
+
+        weights = self.checkpoint_weights()
+        if self.config.model.llm_lora is None:
+            return weights, {}
+        frozen = {p.data_ptr() for n, p in self.model.named_parameters()
+                  if n in self.always_frozen and n.startswith("vlm.llm.")}
+        omitted = {k: v for k, v in weights.items() if k.startswith("vlm.llm.") and v.data_ptr() in frozen}
+        if self._reloadable_fingerprint is None:  # frozen: the same for every checkpoint of the run
+            self._reloadable_fingerprint = ckpt.fingerprint(omitted)
+        meta = {ckpt.OMITTED: {"keys": sorted(omitted), "fingerprint": self._reloadable_fingerprint,
+                               "source": f"model.llm ({self.config.model.llm})"}}
+        return {k: v for k, v in weights.items() if k not in omitted}, meta
 
     def save_inference(self, path: Path, extra: dict | None = None) -> Path:
         """Student + projector + LLM (+ tokenizer): what inference loads; no teachers, no adapters. The

@@ -3,7 +3,9 @@
 A checkpoint folder holds
 - ``model.safetensors``: every trainable-module tensor of the model, teachers excluded (tensors that
   share storage, such as tied LLM embeddings, are stored once; ``aliases`` in the metadata names the
-  others);
+  others). With LoRA on the LLM (``model.llm_lora``) the LLM's own weights, which never train, are
+  left out too: they are reloaded from ``model.llm`` on resume; the metadata (``omitted_frozen``)
+  lists them with a fingerprint of their bytes, checked before resuming (:func:`load_model_weights`);
 - ``optimizer.pt`` / ``scheduler.pt``: their state dicts (tensors, numbers and lists only, so they load
   with ``torch.load(weights_only=True)``);
 - ``trainer_state.json``: stage, step, data position, RNG states, and metrics so far;
@@ -17,6 +19,7 @@ Weights that are not finite are never written (:class:`NonFiniteWeightsError`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ from movekd.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+OMITTED = "omitted_frozen"  # weights metadata: frozen tensors left out of the file, reloadable
 STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 
@@ -59,6 +63,23 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | No
     meta = {"format": "pt", "aliases": json.dumps(aliases)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     save_file(tensors, str(path), metadata=meta)
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of names, shapes, dtypes and bytes: equal iff the tensors are the same (to BLAKE2b)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        tensor = tensors[key].detach()
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
+        digest.update(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def weights_metadata(path: Path) -> dict:
+    """The JSON metadata of a weights file written by :func:`save_weights` (aliases, omitted_frozen, ...)."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items() if k != "format"}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -115,7 +136,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer=None, scheduler=None,
-                    trainer_state: dict, config: dict) -> Path:
+                    trainer_state: dict, config: dict, weights_meta: dict | None = None) -> Path:
     folder = Path(folder)
     bad = non_finite_tensors(weights)
     if bad:
@@ -125,7 +146,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
             "rate or precision=fp32")
     try:
         with atomic_folder(folder) as tmp:
-            save_weights(tmp / WEIGHTS, weights)
+            save_weights(tmp / WEIGHTS, weights, weights_meta)
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if scheduler is not None:
@@ -207,6 +228,16 @@ def load_model_weights(model: torch.nn.Module, folder: Path, skip_prefixes: tupl
     state = load_weights(Path(folder) / WEIGHTS)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
     missing = [k for k in own if k not in state]
+    omitted = weights_metadata(Path(folder) / WEIGHTS).get(OMITTED)
+    if omitted and set(missing) & set(omitted["keys"]):
+        # Left out as reloadable (the frozen base LLM under LoRA): the model must hold them unchanged.
+        present = {k: own[k] for k in omitted["keys"] if k in own}
+        if len(present) != len(omitted["keys"]) or fingerprint(present) != omitted["fingerprint"]:
+            raise CheckpointError(
+                f"checkpoint {folder} does not store the {len(omitted['keys'])} frozen weights it reloads from "
+                f"{omitted.get('source', 'the base model')}, and the ones loaded now differ from those it was "
+                "trained with (fingerprint mismatch): resume with the same model.llm (and llm_dtype) as the run")
+        missing = [k for k in missing if k not in set(omitted["keys"])]
     unexpected = [k for k in state if k not in own and not k.startswith(skip_prefixes)]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

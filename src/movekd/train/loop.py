@@ -273,14 +273,16 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
             if sharded:  # consolidated on rank 0; every rank takes part in the gathers
                 weights = sharding.full_weights(prepared)
                 optimizer_state = _StateDict(sharding.full_optimizer_state(prepared, _inner(optimizer)))
+            weights_meta = {}
             if accelerator.is_main_process:
                 if not sharded:
-                    weights, optimizer_state = system.checkpoint_weights(), _inner(optimizer)
+                    (weights, weights_meta), optimizer_state = system.resumable_weights(), _inner(optimizer)
                 trainer_state = {**state, "results": [r.__dict__ for r in results],
                                  "skips": skips.state_dict(), "rank_rng": rank_rng}
                 folder = ckpt.save_checkpoint(run_dir / "checkpoints" / tag, weights=weights,
                                               optimizer=optimizer_state, scheduler=scheduler,
-                                              trainer_state=trainer_state, config=config_dict(config))
+                                              trainer_state=trainer_state, config=config_dict(config),
+                                              weights_meta=weights_meta)
                 ckpt.prune_checkpoints(run_dir, config.keep_checkpoints, protect=[folder])
             accelerator.wait_for_everyone()
 
