@@ -42,3 +42,32 @@ def test_zero2_configs_parse_as_deepspeed_stage_2(nodes):
     args = _launch_args(CONFIGS / f"zero2_{nodes}x8.yaml")
     assert args.use_deepspeed and int(args.zero_stage) == 2
     assert (args.num_machines, args.num_processes, args.mixed_precision) == (nodes, 8 * nodes, "bf16")
+
+
+def _deepspeed_accelerator(processes: int = 2):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2},
+                                               "train_micro_batch_size_per_gpu": "auto"})
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_deepspeed_gets_the_stage_micro_batch_before_prepare():
+    # without it Accelerate's prepare raises: the loop passes it no DataLoader to read the batch size from
+    from movekd.train.sharding import configure_deepspeed_stage
+
+    accelerator = _deepspeed_accelerator()
+    configure_deepspeed_stage(accelerator, 1, batch_size=4, grad_accum=1)
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (4, 1, 8)
+
+
+def test_deepspeed_with_gradient_accumulation_is_refused_naming_the_key():
+    from movekd.train.sharding import configure_deepspeed_stage
+
+    with pytest.raises(NotImplementedError, match=r"stages\.1\.grad_accum is 2"):
+        configure_deepspeed_stage(_deepspeed_accelerator(), 1, batch_size=4, grad_accum=2)

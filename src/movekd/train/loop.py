@@ -236,6 +236,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
             per_rank = state.get("rank_rng") or []
             same_world = len(per_rank) == accelerator.num_processes
             ckpt.set_rng_state(per_rank[accelerator.process_index] if same_world else state["rng"])
+        sharding.configure_deepspeed_stage(accelerator, stage_index, stage.batch_size, stage.grad_accum)
         prepared, optimizer = accelerator.prepare(model, optimizer)
         if sharded:
             sharding.after_prepare(prepared)

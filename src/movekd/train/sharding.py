@@ -75,6 +75,27 @@ def enable_cpu_fsdp(accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
+def configure_deepspeed_stage(accelerator, stage_index: int, batch_size: int, grad_accum: int) -> None:
+    """Before ``prepare`` under DeepSpeed: its config needs the micro-batch size, which Accelerate
+    otherwise reads from a DataLoader passed to ``prepare`` (the loop builds its own, per stage; without
+    this, ``prepare`` raises "requires you to pass at least one of training or evaluation dataloaders").
+    Gradient accumulation is refused: DeepSpeed takes its accumulation boundary from Accelerate's
+    ``accumulate()`` and divides the loss by its own step count, which the loop's normalisation over
+    the step (movekd.train.distributed) does not go through; that combination was never run."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if grad_accum != 1:
+        raise NotImplementedError(
+            f"stages.{stage_index}.grad_accum is {grad_accum}: gradient accumulation under DeepSpeed is not "
+            "supported by movekd yet; raise stages.N.batch_size or use more processes, or train under FSDP/DDP")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = batch_size * accelerator.num_processes
+
+
 def is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
