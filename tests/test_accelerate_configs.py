@@ -44,6 +44,36 @@ def test_zero2_configs_parse_as_deepspeed_stage_2(nodes):
     assert (args.num_machines, args.num_processes, args.mixed_precision) == (nodes, 8 * nodes, "bf16")
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_zero2_configs_are_accepted_by_deepspeeds_own_parser(nodes, monkeypatch):
+    # What `accelerate launch` hands each process (its deepspeed_launcher's environment), then the
+    # plugin Accelerate builds from it, with the stage's batch filled in by the loop, into DeepSpeed's
+    # config parser. One process: DeepSpeed checks train_batch_size against its world size, which is
+    # 1 without a process group (the loop writes batch x processes; tested above).
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from movekd.train.sharding import configure_deepspeed_stage
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(CONFIGS / f"zero2_{nodes}x8.yaml"), "train.py"]))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(args.mixed_precision)
+    accelerator = _deepspeed_accelerator(processes=1)
+    accelerator.state.deepspeed_plugin = plugin
+    configure_deepspeed_stage(accelerator, 1, batch_size=8, grad_accum=1)
+    parsed = DeepSpeedConfig(plugin.deepspeed_config)
+    assert parsed.zero_optimization_stage == 2 and parsed.gradient_clipping == 1.0
+    assert parsed.train_micro_batch_size_per_gpu == 8 and parsed.bfloat16_config.enabled
+
+
 def _deepspeed_accelerator(processes: int = 2):
     from types import SimpleNamespace
 
