@@ -104,18 +104,18 @@ class System:
             return self.model.vlm.anyres.max_tokens()
         return self.num_image_tokens
 
-    def resumable_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """``(weights, metadata)`` of a training checkpoint: :meth:`checkpoint_weights` without the
-        LLM's own weights when ``model.llm_lora`` is set (they never train: resume reloads them from
-        ``model.llm``, checked by a fingerprint in the metadata)."""
+    def resumable_weights(self, weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(weights, metadata)`` of a training checkpoint: ``weights`` (default
+        :meth:`checkpoint_weights`; under FSDP the gathered ones) without the LLM's own tensors when
+        ``model.llm_lora`` is set (they never train: resume reloads them from ``model.llm``, checked
+        by a fingerprint in the metadata); only the LoRA adapters of the LLM are kept."""
         from movekd.train import checkpoint as ckpt
+        from movekd.train.llm_lora import is_lora_parameter
 
-        weights = self.checkpoint_weights()
+        weights = self.checkpoint_weights() if weights is None else weights
         if self.config.model.llm_lora is None:
             return weights, {}
-        frozen = {p.data_ptr() for n, p in self.model.named_parameters()
-                  if n in self.always_frozen and n.startswith("vlm.llm.")}
-        omitted = {k: v for k, v in weights.items() if k.startswith("vlm.llm.") and v.data_ptr() in frozen}
+        omitted = {k: v for k, v in weights.items() if k.startswith("vlm.llm.") and not is_lora_parameter(k)}
         if self._reloadable_fingerprint is None:  # frozen: the same for every checkpoint of the run
             self._reloadable_fingerprint = ckpt.fingerprint(omitted)
         meta = {ckpt.OMITTED: {"keys": sorted(omitted), "fingerprint": self._reloadable_fingerprint,

@@ -274,10 +274,10 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
             if sharded:  # consolidated on rank 0; every rank takes part in the gathers
                 weights = sharding.full_weights(prepared)
                 optimizer_state = _StateDict(sharding.full_optimizer_state(prepared, _inner(optimizer)))
-            weights_meta = {}
             if accelerator.is_main_process:
                 if not sharded:
-                    (weights, weights_meta), optimizer_state = system.resumable_weights(), _inner(optimizer)
+                    weights, optimizer_state = system.checkpoint_weights(), _inner(optimizer)
+                weights, weights_meta = system.resumable_weights(weights)
                 trainer_state = {**state, "results": [r.__dict__ for r in results],
                                  "skips": skips.state_dict(), "rank_rng": rank_rng}
                 folder = ckpt.save_checkpoint(run_dir / "checkpoints" / tag, weights=weights,

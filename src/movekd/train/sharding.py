@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 TEACHERS_PREFIX = "teachers."
-LORA_ERROR = ("model.llm_lora under FSDP is not supported: a decoder layer would hold bf16 frozen weights "
-              "and fp32 LoRA adapters in one FSDP2 unit (one dtype per unit), and it was never run; train "
-              "LoRA under DDP or DeepSpeed ZeRO-2 (with LoRA the LLM has no gradients or optimiser states, "
-              "so DDP fits: see README, LoRA on the LLM)")
+LORA_ERROR = ("model.llm_lora under FSDP is not supported: on 2 CPU processes it trained like one process "
+              "in fp32, but with precision bf16 the backward failed (a bf16 gradient assigned to an fp32 "
+              "parameter), so it is refused rather than half-tested; train LoRA under DDP or DeepSpeed "
+              "ZeRO-2 (with LoRA the LLM has no gradients or optimiser states, so DDP fits: see README, "
+              "LoRA on the LLM)")
 
 
 def strategy_name(accelerator) -> str:
