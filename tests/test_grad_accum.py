@@ -64,7 +64,7 @@ def test_the_micro_batches_have_different_token_counts(tmp_path):
     for index, stage in enumerate(config.stages):
         dataset = stage_dataset(system, config, stage)
         order = ResumableSampler(len(dataset), config.seed + index).order()
-        counts = [batch_item_counts(collate([dataset[i] for i in order[s:s + 4]]), False) for s in (0, 4)]
+        counts = [batch_item_counts(collate([dataset[i] for i in order[s:s + 4]]), config.kd) for s in (0, 4)]
         assert counts[0]["text"] != counts[1]["text"], (stage.name, counts)
         if stage.name == "finetune":
             assert counts[0]["kd"] != counts[1]["kd"], counts

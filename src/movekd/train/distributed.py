@@ -63,17 +63,28 @@ class RankSync:
         return out
 
 
-def batch_item_counts(batch: dict, kd_on_text_only: bool) -> dict[str, int]:
+def batch_item_counts(batch: dict, kd) -> dict[str, int]:
     """The items each loss term of ``batch`` averages over, read from the collated batch before the
-    forward (right padding): supervised targets after the causal shift (image tokens are expanded
-    after position 0 and never supervised, so the shift drops the same first column), distilled
-    samples (those with an image unless ``kd_on_text_only``) and samples (balance). The forward
-    reports the same counts for the terms it computes; :func:`agree_on_step` checks that."""
+    forward (right padding), with ``kd`` the run's KD config: supervised targets after the causal
+    shift (image tokens are expanded after position 0 and never supervised, so the shift drops the
+    same first column); distilled items (samples with an image unless ``kd.kd_on_text_only``; under
+    AnyRes each crop of them, or only the overview with ``anyres_distill: overview``); and student
+    images (balance: samples, or crops under AnyRes). The forward reports the same counts for the
+    terms it computes; :func:`agree_on_step` checks that."""
+    from movekd.data.anyres import AnyResImages
+
     labels = batch["labels"]
     samples = int(labels.shape[0])
+    images = batch.get("images")
+    if isinstance(images, AnyResImages):
+        crops = images.crop_counts.long().cpu()
+        items = torch.ones_like(crops) if kd.anyres_distill == "overview" else crops
+    else:
+        crops = items = torch.ones(samples, dtype=torch.long)
     has_image = batch.get("has_image")
-    distilled = samples if has_image is None or kd_on_text_only else int(has_image.bool().sum())
-    return {"text": int((labels[:, 1:] != IGNORE_INDEX).sum()), "kd": distilled, "balance": samples}
+    distilled = items if has_image is None or kd.kd_on_text_only else items[has_image.bool().cpu()]
+    return {"text": int((labels[:, 1:] != IGNORE_INDEX).sum()), "kd": int(distilled.sum()),
+            "balance": int(crops.sum())}
 
 
 def step_item_totals(sync: RankSync, micro_counts: list[dict[str, int]]) -> dict[str, float]:

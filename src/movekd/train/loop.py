@@ -318,7 +318,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
                     continue
                 # One optimiser step over the pending micro-batches: every loss term is normalised by
                 # its item count over all of them and over all ranks (movekd.train.distributed).
-                micro_counts = [batch_item_counts(b, config.kd.kd_on_text_only) for b in pending]
+                micro_counts = [batch_item_counts(b, config.kd) for b in pending]
                 totals = step_item_totals(ranks, micro_counts)
                 step, pending = pending, []
                 for index, (batch, counts) in enumerate(zip(step, micro_counts)):
