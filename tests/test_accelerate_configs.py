@@ -50,6 +50,9 @@ def test_zero2_configs_are_accepted_by_deepspeeds_own_parser(nodes, monkeypatch)
     # plugin Accelerate builds from it, with the stage's batch filled in by the loop, into DeepSpeed's
     # config parser. One process: DeepSpeed checks train_batch_size against its world size, which is
     # 1 without a process group (the loop writes batch x processes; tested above).
+    # DeepSpeed is an extra (pip install movekd[deepspeed]), not in the default lock: importing
+    # accelerate imports it once installed, which slows every run's start-up.
+    pytest.importorskip("deepspeed", reason="DeepSpeed is the optional extra movekd[deepspeed]")
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import DeepSpeedPlugin
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
