@@ -50,20 +50,24 @@ class HFLlavaGenerator(nn.Module):
             mask[i, width - len(r):] = 1
         return ids, mask
 
+    def _image_inputs(self, images, input_ids: torch.Tensor, device, dtype) -> tuple[list[int] | None, dict]:
+        """Image-token count per row (None: ``num_image_tokens`` each) and the model's image kwargs."""
+        pixel_values = self.image_processor(images=list(images.cpu()), return_tensors="pt")["pixel_values"]
+        return None, {"pixel_values": pixel_values.to(device, dtype)}
+
     @torch.no_grad()
     def generate(self, images, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
                  eos_token_id=None, pad_token_id=None, **kwargs) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pad = pad_token_id if pad_token_id is not None else 0
-        ids, mask = self.expand_placeholders(input_ids.cpu(), attention_mask.cpu(), pad)
-        device = next(self.model.parameters()).device
-        pixel_values = self.image_processor(images=list(images.cpu()), return_tensors="pt")["pixel_values"]
-        dtype = next(self.model.parameters()).dtype
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  pixel_values=pixel_values.to(device, dtype), max_new_tokens=max_new_tokens,
-                                  do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad,
-                                  temperature=None, top_p=None, top_k=None, **kwargs)
+        parameter = next(self.model.parameters())
+        counts, image_kwargs = self._image_inputs(images, input_ids, parameter.device, parameter.dtype)
+        ids, mask = self.expand_placeholders(input_ids.cpu(), attention_mask.cpu(), pad, counts)
+        out = self.model.generate(input_ids=ids.to(parameter.device), attention_mask=mask.to(parameter.device),
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
+                                  pad_token_id=pad, temperature=None, top_p=None, top_k=None, **image_kwargs,
+                                  **kwargs)
         return out[:, ids.shape[1]:]
 
 
@@ -77,34 +81,22 @@ class HFLlavaNextGenerator(HFLlavaGenerator):
         super().__init__(model, processor.image_processor, image_token_id, 0)
         self.processor = processor
 
-    @torch.no_grad()
-    def generate(self, images, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
-                 eos_token_id=None, pad_token_id=None, **kwargs) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        pad = pad_token_id if pad_token_id is not None else 0
+    def _image_inputs(self, images, input_ids: torch.Tensor, device, dtype) -> tuple[list[int] | None, dict]:
         images = images.to("cpu")
         has_image = (input_ids == IMAGE_TOKEN_INDEX).any(1).cpu()
         crop = images.crops.shape[-1]
         counts = [self.processor._get_number_of_features(h, w, crop, crop) - 1 if used else 0
                   for (h, w), used in zip(images.image_sizes.tolist(), has_image.tolist())]
-        ids, mask = self.expand_placeholders(input_ids.cpu(), attention_mask.cpu(), pad, counts)
         proc = self.image_processor
         mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
         used = images.select(has_image)
         pixels = (used.crops.float() * proc.rescale_factor - mean) / std
         per_image = list(torch.split(pixels, used.crop_counts.tolist()))
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        extra = {}
-        if per_image:
-            extra = {"pixel_values": torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True).to(device, dtype),
-                     "image_sizes": used.image_sizes.to(device)}
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
-                                  pad_token_id=pad, temperature=None, top_p=None, top_k=None, **extra, **kwargs)
-        return out[:, ids.shape[1]:]
+        if not per_image:
+            return counts, {}
+        return counts, {"pixel_values": torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True).to(device, dtype),
+                        "image_sizes": used.image_sizes.to(device)}
 
 
 def load_hf_llava_export(path: str | Path, device: str | torch.device = "cpu"):
