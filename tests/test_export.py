@@ -286,16 +286,18 @@ def test_exported_image_processor_reproduces_movekd_preprocessing(mode):
     assert (theirs - ours).abs().max() < tolerance
 
 
+@pytest.mark.parametrize("grid", [32, 64], ids=["native", "resampled"])
 @pytest.mark.parametrize("source", ["hf_clip", "hf_dinov2"])
-def test_towers_feed_llava_the_student_tokens(source):
+def test_towers_feed_llava_the_student_tokens(source, grid):
     """Stock (merged) and exact towers: LLaVA's hidden_states[vision_feature_layer][:, 1:] on the
-    processor's pixels are the student's tokens, for both student families."""
+    processor's pixels are the student's tokens, for both student families; also for a student run
+    at 32 px whose checkpoint has a 64 px position grid (the export is written at 32 px)."""
     from movekd.export import merge_weights, merged_student
     from movekd.export.hf_llava import exact_vision_tower, stock_vision_tower
     from movekd.student import build_student
     from movekd.teachers.preprocess import preprocess_images
 
-    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=grid,
                 patch_size=8)
     spec = {"name": "s", "source": source, "model": "tiny", "pretrained": False, "image_size": 32, "layer": -2,
             "config": arch}
@@ -307,6 +309,7 @@ def test_towers_feed_llava_the_student_tokens(source):
     plain = merged_student(student, merge_weights(student, "mean"))
     with torch.no_grad():
         for module, tower in ((plain, stock_vision_tower(plain)), (student, exact_vision_tower(student))):
+            assert tower.config.image_size == 32  # the side it runs at (LLaVA-NeXT's token grid)
             hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
             torch.testing.assert_close(hidden[student.select_layer][:, 1:], module(images).tokens, rtol=1e-5,
                                        atol=1e-5)

@@ -24,6 +24,9 @@ def next_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_next")
     raw = anyres_config(root)
     raw["kd"] = {"enabled": False}
+    # a checkpoint position grid (64 px) other than the side the student runs at (32 px), as the demo's
+    # DINOv2 (518 vs 84): the export must be written at 32 px, its positions resampled
+    raw["model"]["student"]["spec"]["config"] = {**raw["model"]["student"]["spec"]["config"], "image_size": 64}
     raw["model"]["student"]["mole"]["init"] = "paper"  # experts that differ from the base FFN and each other
     raw["model"]["student"]["mole"]["routing"] = "sparse"
     raw["stages"][0]["system_prompt"] = ""

@@ -107,10 +107,9 @@ def stock_vision_tower(student) -> nn.Module:
     """The plain (merged, ``mole=False``) student as the stock HF vision model it came from."""
     import transformers
 
+    from movekd.export.position_grid import at_input_side
+
     source = student.spec.source
-    if student.forward_kwargs.get("interpolate_pos_encoding"):
-        raise ExportError("export hf-llava: a CLIP student run at a size other than its position grid needs "
-                         "interpolate_pos_encoding, which stock LLaVA does not pass; train at the native size")
     config_name, model_name = _STOCK_VISION[source]
     arch = dict(student.config["spec"]["config"])
     arch["num_hidden_layers"] = len(_blocks(student.encoder))
@@ -126,7 +125,10 @@ def stock_vision_tower(student) -> nn.Module:
         if key not in state:  # dropped by movekd (unused by the select layer): identity-initialised
             state[key] = torch.ones_like(own[key]) if suffix == "weight" else torch.zeros_like(own[key])
     model.load_state_dict(state, strict=True)
-    return model.eval()
+    # Written at the side the student runs at (position embeddings resampled as at run time): stock
+    # CLIP does not resample without a flag LLaVA never passes, and LLaVA-NeXT reads its token grid
+    # from image_size.
+    return at_input_side(model, int(student.spec.image_size)).eval()
 
 
 def exact_vision_tower(student) -> nn.Module:

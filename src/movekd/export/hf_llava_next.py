@@ -10,9 +10,9 @@ The mapping is the LLaVA one (:mod:`movekd.export.hf_llava`: vision tower, ``vis
   (``size`` and ``crop_size`` ``S × S``, no centre crop), the student's mean/std and interpolation.
   It computes the crops exactly as :func:`movekd.data.anyres.anyres_crops` (tested bit-exact), and
   the processor's ``<image>`` count equals :meth:`movekd.vlm.anyres.AnyResPacker.num_tokens`.
-- HF derives the tile grid from ``vision_config.image_size // patch_size``: the tower's
-  ``image_size`` must be the student's input side (a student run at another size than its
-  position grid is refused).
+- HF derives the tile grid from ``vision_config.image_size // patch_size``: the tower is written
+  at the student's input side, its position embeddings resampled to that grid as the student does
+  at run time (:mod:`movekd.export.position_grid`).
 """
 
 from __future__ import annotations
