@@ -35,12 +35,16 @@ def test_cli_ablate_two_rows_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
     args = ["ablate", str(path), "--out", str(out), "--rows", "interpolate,full", "--seeds", "2",
             "--probe", "squares", "--probe-images", "40,20"]
-    assert main(args) == 0
+    assert main(args + ["--jobs", "2"]) == 0  # two worker processes
+    err = capsys.readouterr().err
+    assert "expected training time:" in err and "4 cells queued, 2 at a time" in err
     table = json.loads((out / "ablation.json").read_text())["rows"]
     assert set(table) == {"interpolate", "full"}
     for entry in table.values():
         assert entry["seeds"] == [0, 1] and 0.0 <= entry["accuracy"]["mean"] <= 1.0
         assert "color" in entry["per_type"] and 0.0 <= entry["probe_knn"]["mean"] <= 1.0
+    assert not list(out.glob("rows/*/seed-*/run/checkpoints"))  # finished cells drop their resume state
+    assert len(list(out.glob("rows/*/seed-*/run/final"))) == 4
     md = (out / "ablation.md").read_text()
     assert "| interpolate |" in md and "±" in md
     # A re-run trains nothing: every cell is read back.
@@ -50,3 +54,27 @@ def test_cli_ablate_two_rows_and_resume(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(args) == 0
     assert "4 of 4 cells already done" in capsys.readouterr().err
+
+
+def test_estimate_charges_rows_without_teachers_the_no_kd_step(tmp_path, monkeypatch):
+    from movekd.ablate.estimate import estimate_training_minutes
+
+    data = tiny_config(tmp_path, steps=(3, 2))
+    calls = []
+
+    def fake_bench(config, **kwargs):
+        calls.append(kwargs["threads"])
+        step = {"no_kd": 1.0, "online": 3.0, "cached": 2.0}
+        return {"stages": {s.name: {"modes": {m: {"seconds": {"step": v}} for m, v in step.items()}}
+                           for s in config.stages}}
+
+    monkeypatch.setattr("movekd.bench.train_step.run_train_bench", fake_bench)
+    # full: (3 + 2) online steps of 3 s; baseline: (3 + 2) no-KD steps of 1 s
+    assert estimate_training_minutes(data, ["full", "baseline"], threads=1) == pytest.approx((15 + 5) / 60)
+    cached = {**data, "teacher_cache_dir": str(tmp_path / "cache")}
+    assert estimate_training_minutes(cached, ["full"], threads=1) == pytest.approx(10 / 60)
+    assert calls == [1, 1]
+    unbounded = json.loads(json.dumps(data))
+    unbounded["stages"][0].pop("max_steps")
+    with pytest.raises(ValueError, match="needs max_steps on every stage"):
+        estimate_training_minutes(unbounded, ["full"], threads=1)

@@ -19,6 +19,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="ablation folder")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
     p.add_argument("--rows", help="comma-separated rows (default: the standard ladder; --list shows all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once, each in its own process with threads/jobs threads (default 1; "
+                        "2 on a 2-core CPU: 1.6x the throughput measured on the demo)")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="skip timing a few steps for the expected training time printed before starting")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every row (repeatable)")
@@ -49,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     rows = args.rows.split(",") if args.rows else list(DEFAULT_ROWS)
     table = run_ablation(data, args.out, rows=rows, seeds=list(range(args.seeds)),
                          probe_dataset=None if args.probe == "none" else args.probe,
-                         probe_images=args.probe_images, on_event=lambda m: print(m, file=sys.stderr))
+                         probe_images=args.probe_images, jobs=args.jobs, estimate=args.estimate,
+                         on_event=lambda m: print(m, file=sys.stderr))
     from movekd.ablate import format_markdown
 
     print(format_markdown(table), end="")
