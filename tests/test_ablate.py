@@ -35,9 +35,23 @@ def test_cli_ablate_two_rows_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
     args = ["ablate", str(path), "--out", str(out), "--rows", "interpolate,full", "--seeds", "2",
             "--probe", "squares", "--probe-images", "40,20"]
-    assert main(args + ["--jobs", "2"]) == 0  # two worker processes
-    err = capsys.readouterr().err
-    assert "expected training time:" in err and "4 cells queued, 2 at a time" in err
+    from movekd.ablate import run_ablation
+
+    events = []
+
+    def on_event(message: str) -> None:
+        events.append(message)
+        if " done in " in message and sum(" done in " in m for m in events) == 1:
+            # the first finished cell is on disk at once (a killed ablation keeps it), while the
+            # last cells are still training
+            assert len(list(out.glob("rows/*/seed-*/result.json"))) == 1
+            assert len(list(out.glob("rows/*/seed-*/run/final"))) < 4
+
+    run_ablation(cfg, out, rows=["interpolate", "full"], seeds=[0, 1], probe_dataset="squares",
+                 probe_images=(40, 20), jobs=2, estimate=True, on_event=on_event)  # two worker processes
+    assert any(m.startswith("expected training time:") for m in events)
+    assert any(m.startswith("4 cells queued, 2 at a time") for m in events)
+    assert sum(" done in " in m for m in events) == 4
     table = json.loads((out / "ablation.json").read_text())["rows"]
     assert set(table) == {"interpolate", "full"}
     for entry in table.values():
@@ -52,7 +66,7 @@ def test_cli_ablate_two_rows_and_resume(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(run_module, "_cell", lambda *a, **k: pytest.fail("cell retrained"))
     capsys.readouterr()
-    assert main(args) == 0
+    assert main(args + ["--jobs", "2"]) == 0
     assert "4 of 4 cells already done" in capsys.readouterr().err
 
 

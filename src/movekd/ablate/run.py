@@ -167,7 +167,7 @@ def run_ablation(data: dict, out: str | Path, *, rows: list[str], seeds: list[in
 def _run_parallel(data, out: Path, remaining, probe_dataset, probe_images, jobs: int, say, finished) -> None:
     """``jobs`` cells at a time in spawned workers; a failed cell stops the queue (finished cells stay)."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
 
@@ -181,7 +181,7 @@ def _run_parallel(data, out: Path, remaining, probe_dataset, probe_images, jobs:
         say(f"{len(remaining)} cells queued, {jobs} at a time, {threads} thread(s) each")
         done_count = 0
         while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i, row, seed = pending.pop(future)
                 error = future.exception()
