@@ -90,10 +90,6 @@ def test_anyres_config_errors_name_the_key(tmp_path):
     raw["model"]["image_grid_pinpoints"] = [[32, 50]]
     with pytest.raises(Exception, match=r"image_grid_pinpoints.*\[32, 50\]"):
         load_config(raw)
-    raw["model"]["image_grid_pinpoints"] = None
-    raw["stages"][0]["group_by_image"] = True
-    with pytest.raises(Exception, match="group_by_image"):
-        load_config(raw)
 
 
 def test_paper_llava_next_preset_dry_run(capsys):

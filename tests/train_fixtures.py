@@ -83,8 +83,9 @@ def tiny_config(tmp: Path, *, steps=(6, 6), kd=True, mole=True, routing="gated",
 CANVASES = [(32, 64), (64, 32), (48, 48), (32, 96), (40, 70)]  # (height, width): several tile grids
 
 
-def write_canvas_dataset(root: Path) -> Path:
-    """Coloured squares on white canvases of several aspect ratios; 'what color is the shape?'."""
+def write_canvas_dataset(root: Path, yes_no: bool = False) -> Path:
+    """Coloured squares on white canvases of several aspect ratios; 'what color is the shape?' and,
+    with ``yes_no``, 'is the shape red?' etc. (four questions per image, for ``group_by_image``)."""
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -99,6 +100,10 @@ def write_canvas_dataset(root: Path) -> Path:
             Image.fromarray(arr).save(root / rel)
             samples.append({"id": f"a-{colour}{i}", "image": rel, "type": "color", "conversations": [
                 {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": colour}]})
+            for asked in COLOURS if yes_no else ():
+                samples.append({"id": f"a-{colour}{i}-{asked}", "image": rel, "type": "yes/no", "conversations": [
+                    {"from": "human", "value": f"<image>\nis the shape {asked}?"},
+                    {"from": "gpt", "value": "yes" if asked == colour else "no"}]})
     samples.append({"id": "text-only", "conversations": [  # a text-only sample: one blank crop, no KD
         {"from": "human", "value": "what is a circle?"}, {"from": "gpt", "value": "a shape"}]})
     path = root / "anyres.json"
@@ -106,11 +111,12 @@ def write_canvas_dataset(root: Path) -> Path:
     return path
 
 
-def anyres_config(tmp: Path, distill: str = "all_crops", steps: int = 8) -> dict:
+def anyres_config(tmp: Path, distill: str = "all_crops", steps: int = 8, grouped: bool = False) -> dict:
+    """One AnyRes stage on the canvases; ``grouped``: four questions per image, ``group_by_image``."""
     raw = tiny_config(tmp, steps=(steps, steps))
-    data = write_canvas_dataset(tmp / "data")
+    data = write_canvas_dataset(tmp / "data", yes_no=grouped)
     stage = {**raw["stages"][1], "data": str(data), "image_aspect_ratio": "anyres", "max_steps": steps,
-             "batch_size": 4, "max_length": 128, "lr": 2e-3}
+             "batch_size": 4, "max_length": 256 if grouped else 128, "lr": 2e-3, "group_by_image": grouped}
     raw["stages"] = [stage]
     raw["kd"] = {"enabled": True, "anyres_distill": distill}
     raw["eval"] = {"data": str(data), "max_samples": None, "batch_size": 4, "max_new_tokens": 2}

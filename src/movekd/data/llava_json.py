@@ -36,6 +36,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -352,12 +353,17 @@ class LlavaDataset(Dataset):
         image_aspect_ratio: ``"stretch"``, ``"square"`` or ``"pad"`` (:mod:`movekd.data.images`).
         fill: the ``pad`` colour, 0..255 (LLaVA: the student processor's mean).
         grid_pinpoints: the AnyRes grid (``image_aspect_ratio="anyres"``; ``image_size`` is then the crop side).
+        image_tokens: AnyRes: the tokens an image of ``(height, width)`` becomes
+            (:meth:`movekd.vlm.anyres.AnyResPacker.token_counter`); ``max_length`` then counts each
+            image's own tokens (a group keeps the questions that fit after its own image) instead of
+            the encoder's ``num_image_tokens``. The image is decoded before the text is encoded.
     """
 
     def __init__(self, samples: list[dict], encoder: ConversationEncoder, *, image_root: str | os.PathLike = ".",
                  image_size: int = 224, prompt_only: bool = False, group_by_image: bool = False,
                  max_questions_per_image: int | None = None, image_aspect_ratio: str = "stretch",
-                 fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None):
+                 fill: tuple[int, int, int] = (0, 0, 0), grid_pinpoints=None,
+                 image_tokens: Callable[[tuple[int, int]], int] | None = None):
         if group_by_image and prompt_only:
             raise ValueError("group_by_image is for training; prompts for generation are one per sample")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
@@ -367,6 +373,9 @@ class LlavaDataset(Dataset):
             raise ValueError("image_aspect_ratio 'anyres' needs grid_pinpoints")
         self.image_aspect_ratio = image_aspect_ratio
         self.grid_pinpoints = grid_pinpoints
+        if image_tokens is not None and image_aspect_ratio != "anyres":
+            raise ValueError("image_tokens (an image's own token count) is for image_aspect_ratio 'anyres'")
+        self.image_tokens = image_tokens
         self.fill = tuple(fill)
         self.samples = samples
         self.groups = shared_prefix.group_by_image(samples, max_questions_per_image) if group_by_image else None
@@ -408,35 +417,45 @@ class LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict | Skipped:
         sample = self.sample(index)
         has_image = sample.get("image") is not None
+        image = self._image(index, sample) if has_image else self._blank()
+        if isinstance(image, Skipped):
+            return image
+        encoder = self.encoder
+        if self.image_tokens is not None and has_image:
+            # AnyRes: max_length counts this image's own tokens (its tile grid), as the model expands it.
+            encoder = encoder.with_image_tokens(self.image_tokens(tuple(image.image_sizes[0].tolist())))
         extra = {}
         try:
             if self.groups is not None and len(self.groups[index]) > 1:
-                members = [self.encoder.encode(self.samples[i]["conversations"], has_image)
-                           for i in self.groups[index]]
+                members = [encoder.encode(self.samples[i]["conversations"], has_image) for i in self.groups[index]]
                 enc, segment_ids, kept = shared_prefix.merge_shared_prefix(
-                    members, max_length=self.encoder.max_length, num_image_tokens=self.encoder.num_image_tokens)
+                    members, max_length=encoder.max_length, num_image_tokens=encoder.num_image_tokens)
                 extra = {"segment_ids": segment_ids, "num_questions": kept}
             else:
-                encode = self.encoder.encode_prompt if self.prompt_only else self.encoder.encode
+                encode = encoder.encode_prompt if self.prompt_only else encoder.encode
                 enc = encode(sample["conversations"], has_image)
         except EncodingError as err:
             return self._skip(index, sample, err.kind, str(err))
-        if has_image:
-            path = resolve_image(sample, self.image_root)
-            if not path.is_file():
-                return self._skip(index, sample, "missing_image", str(path))
-            try:
-                image = read_image(path, self.image_size, self.image_aspect_ratio, self.fill, self.grid_pinpoints)
-            except Exception as err:  # PIL raises many types for truncated / non-image files
-                return self._skip(index, sample, "bad_image", f"{path}: {type(err).__name__}: {err}")
-        elif self.image_aspect_ratio == "anyres":
-            from movekd.data.anyres import AnyResImages
-
-            image = AnyResImages.blank(self.image_size)
-        else:
-            image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "image": image, "has_image": has_image,
                 "id": sample_id(sample, index), "index": index, **extra}
+
+    def _image(self, index: int, sample: dict):
+        """The sample's decoded image, or a :class:`Skipped` marker if it is missing or corrupt."""
+        path = resolve_image(sample, self.image_root)
+        if not path.is_file():
+            return self._skip(index, sample, "missing_image", str(path))
+        try:
+            return read_image(path, self.image_size, self.image_aspect_ratio, self.fill, self.grid_pinpoints)
+        except Exception as err:  # PIL raises many types for truncated / non-image files
+            return self._skip(index, sample, "bad_image", f"{path}: {type(err).__name__}: {err}")
+
+    def _blank(self):
+        """A text-only sample's image: zeros (AnyRes: one blank crop)."""
+        if self.image_aspect_ratio == "anyres":
+            from movekd.data.anyres import AnyResImages
+
+            return AnyResImages.blank(self.image_size)
+        return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
 
     def modality_lengths(self) -> list[int]:
         """LLaVA's length proxy per item for ``group_by_modality_length``: the words of every turn

@@ -35,6 +35,7 @@ the question.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -232,6 +233,13 @@ class ConversationEncoder:
         self._probe()
 
     # Public --------------------------------------------------------------------------------------
+    def with_image_tokens(self, num_image_tokens: int) -> "ConversationEncoder":
+        """This encoder for an image of ``num_image_tokens`` tokens (AnyRes: ``max_length`` then
+        counts the image's own tokens, not the most any image takes)."""
+        other = copy.copy(self)
+        other.num_image_tokens = num_image_tokens
+        return other
+
     def encode(self, conversations: list[dict], has_image: bool) -> Encoded:
         """Training encoding: every assistant turn supervised. Raises :class:`EncodingError`."""
         messages = self._messages(conversations, has_image)

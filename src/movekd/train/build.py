@@ -99,7 +99,8 @@ class System:
         return state_dict_without_teachers(self.model)
 
     def stage_num_image_tokens(self, stage: StageConfig) -> int:
-        """Tokens an image placeholder becomes in ``stage`` (AnyRes: the most any image can take)."""
+        """Tokens an image placeholder becomes in ``stage`` (AnyRes: the most any image can take; the
+        dataset fits ``max_length`` to each image's own count, ``AnyResPacker.token_counter``)."""
         if stage.image_aspect_ratio == "anyres":
             return self.model.vlm.anyres.max_tokens()
         return self.num_image_tokens
@@ -271,4 +272,5 @@ def stage_dataset(system: System, config: TrainConfig, stage: StageConfig,
                                      max_questions_per_image=stage.max_questions_per_image,
                                      image_aspect_ratio=stage.image_aspect_ratio,
                                      fill=fill_colour(config.model.student.spec.mean),
-                                     grid_pinpoints=config.model.grid_pinpoints if anyres else None))
+                                     grid_pinpoints=config.model.grid_pinpoints if anyres else None,
+                                     image_tokens=system.model.vlm.anyres.token_counter() if anyres else None))

@@ -189,6 +189,8 @@ class StageConfig:
     max_samples: Optional[int] = None  # first N samples after a seeded shuffle
     # One item per image: its questions share the image and the prompt prefix in one sequence, each
     # seeing only the prefix and itself (movekd.data.shared_prefix). batch_size then counts images.
+    # Under anyres, max_length counts each image's own tokens (its tile grid), so a wide image keeps
+    # fewer questions than a small one.
     group_by_image: bool = False
     max_questions_per_image: Optional[int] = None  # split bigger groups
     kd: bool = True  # KD and balance losses active in this stage (both stages in the paper)
@@ -268,14 +270,9 @@ class TrainConfig:
 
         check_trainable_dtypes(self)
         anyres = [s.name for s in self.stages if s.image_aspect_ratio == "anyres"]
-        if anyres:
-            grouped = [s.name for s in self.stages if s.image_aspect_ratio == "anyres" and s.group_by_image]
-            if grouped:
-                raise ValueError(f"stages.{grouped[0]}: group_by_image does not support image_aspect_ratio: anyres "
-                                 "(images of different tile counts cannot share one prefix layout)")
-            if self.teacher_cache_dir is not None and self.kd.enabled:
-                raise ValueError(f"teacher_cache_dir: the disk cache of `movekd cache` does not hold AnyRes crops "
-                                 f"(stage {anyres[0]}); use the in-run cache (teacher_cache: true) instead")
+        if anyres and self.teacher_cache_dir is not None and self.kd.enabled:
+            raise ValueError(f"teacher_cache_dir: the disk cache of `movekd cache` does not hold AnyRes crops "
+                             f"(stage {anyres[0]}); use the in-run cache (teacher_cache: true) instead")
         if self.model.llm_lora is not None and self.strategy == "fsdp":
             raise ValueError("strategy is fsdp but model.llm_lora is set: LoRA on the LLM is not supported "
                              "under FSDP; set strategy: ddp or zero2 (the frozen LLM then needs no gradients "

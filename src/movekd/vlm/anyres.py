@@ -17,6 +17,8 @@ initialised ``N(0, 1/d)`` as HF does, trained with the projector (LLaVA-NeXT's `
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +40,16 @@ def unpad_bounds(original_size: tuple[int, int], current: tuple[int, int]) -> tu
     return 0, cur_h, pad, cur_w - pad
 
 
+def count_tokens(original_size: tuple[int, int], pinpoints, crop_size: int, token_grid: int) -> int:
+    """Tokens an image of ``original_size`` ``(height, width)`` becomes (HF
+    ``LlavaNextProcessor._get_number_of_features`` with the CLS dropped): the overview's ``g·g``, then
+    the unpadded tile grid's rows, each with its ``image_newline``."""
+    rows, cols = grid_shape(original_size, pinpoints, crop_size)
+    g = token_grid
+    top, bottom, left, right = unpad_bounds(original_size, (rows * g, cols * g))
+    return g * g + (bottom - top) * (right - left + 1)
+
+
 class AnyResPacker(nn.Module):
     """Holds ``image_newline`` and the grid settings; :meth:`pack` builds each image's sequence.
 
@@ -56,12 +68,14 @@ class AnyResPacker(nn.Module):
         self.image_newline = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
 
     def num_tokens(self, original_size: tuple[int, int]) -> int:
-        """Tokens of an image of ``original_size`` (HF ``LlavaNextProcessor._get_number_of_features``
-        with the CLS dropped)."""
-        rows, cols = grid_shape(original_size, self.pinpoints, self.crop_size)
-        g = self.token_grid
-        top, bottom, left, right = unpad_bounds(original_size, (rows * g, cols * g))
-        return g * g + (bottom - top) * (right - left + 1)
+        """Tokens of an image of ``original_size`` (:func:`count_tokens`)."""
+        return count_tokens(original_size, self.pinpoints, self.crop_size, self.token_grid)
+
+    def token_counter(self) -> Callable[[tuple[int, int]], int]:
+        """:meth:`num_tokens` as a plain function of the size, without the module: what a dataset
+        holds to fit ``max_length`` to each image (picklable for DataLoader workers; no parameters)."""
+        return partial(count_tokens, pinpoints=[list(p) for p in self.pinpoints], crop_size=self.crop_size,
+                       token_grid=self.token_grid)
 
     def max_tokens(self) -> int:
         """An upper bound of :meth:`num_tokens` over all sizes (the unpadded grid at its largest)."""

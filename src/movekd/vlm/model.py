@@ -120,11 +120,12 @@ def merge_image_tokens(text_embeds: torch.Tensor, input_ids: torch.Tensor, atten
     return embeds, mask, position_ids, new_labels
 
 
-def expand_segment_ids(segment_ids: torch.Tensor, input_ids: torch.Tensor, num_image_tokens: int, new_length: int,
-                       *, image_token_index: int = IMAGE_TOKEN_INDEX, padding_side: str = "right") -> torch.Tensor:
+def expand_segment_ids(segment_ids: torch.Tensor, input_ids: torch.Tensor, num_image_tokens: int | torch.Tensor,
+                       new_length: int, *, image_token_index: int = IMAGE_TOKEN_INDEX,
+                       padding_side: str = "right") -> torch.Tensor:
     """``segment_ids`` ``[B, L]`` of the text sequence → ``[B, L']`` of the merged one (same layout as
-    :func:`merge_image_tokens`: each placeholder becomes ``num_image_tokens`` positions of its segment;
-    new padding is -1)."""
+    :func:`merge_image_tokens`: each placeholder becomes ``num_image_tokens`` positions of its segment,
+    an int or ``[B]`` per row (AnyRes: each image its own count); new padding is -1)."""
     if padding_side != "right":
         raise ValueError("segment_ids (shared-prefix training) need right padding")
     is_img = input_ids == image_token_index
@@ -134,8 +135,15 @@ def expand_segment_ids(segment_ids: torch.Tensor, input_ids: torch.Tensor, num_i
     out[rows, new_pos] = segment_ids
     b_idx, j_idx = is_img.nonzero(as_tuple=True)
     if b_idx.numel():
-        pos = new_pos[b_idx, j_idx].unsqueeze(1) + torch.arange(num_image_tokens, device=input_ids.device)
-        out[b_idx.unsqueeze(1).expand_as(pos), pos] = segment_ids[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+        per_row = isinstance(num_image_tokens, torch.Tensor)
+        longest = int(num_image_tokens.max()) if per_row else num_image_tokens
+        offsets = torch.arange(longest, device=input_ids.device)
+        pos = new_pos[b_idx, j_idx].unsqueeze(1) + offsets
+        rows, values = b_idx.unsqueeze(1).expand_as(pos), segment_ids[b_idx, j_idx].unsqueeze(1).expand_as(pos)
+        if per_row:  # a row's image fills only its own first N_b positions
+            valid = offsets < num_image_tokens.to(input_ids.device)[b_idx].unsqueeze(1)
+            rows, pos, values = rows[valid], pos[valid], values[valid]
+        out[rows, pos] = values
     return out
 
 
@@ -246,10 +254,11 @@ class MoveKDVLM(nn.Module):
         merged = merge_image_tokens(text_embeds, input_ids, attention_mask, labels, image_embeds,
                                     image_token_index=self.image_token_index, padding_side=padding_side)
         if segment_ids is not None:
-            if isinstance(image_embeds, list):
-                raise ValueError("shared-prefix training (group_by_image) does not support AnyRes images")
             embeds, mask, _, new_labels = merged
-            num_image_tokens = image_embeds.shape[1] if image_embeds is not None else 1
+            if isinstance(image_embeds, list):  # AnyRes: each image its own length
+                num_image_tokens = torch.tensor([len(e) for e in image_embeds], device=input_ids.device)
+            else:
+                num_image_tokens = image_embeds.shape[1] if image_embeds is not None else 1
             segments = expand_segment_ids(segment_ids.masked_fill(attention_mask == 0, -1), input_ids,
                                           num_image_tokens, embeds.shape[1],
                                           image_token_index=self.image_token_index,
