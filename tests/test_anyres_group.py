@@ -115,7 +115,7 @@ def test_max_length_keeps_the_questions_that_fit_after_each_images_own_tokens(tm
     assert kept[0] == ((32, 64), 3)  # red, 1x2 tiles: 36 fewer tokens, room for a third question
     assert beyond_worst_case  # groups longer than the worst-case count (max_tokens) would have allowed
 
-    # The model expands each row by its own image: merged lengths equal the counted ones.
+    # The model expands each row by its own image: the merged lengths are the counted ones.
     batch = Collator(system.pad_token_id)([dataset[i] for i in range(4)])
     with torch.no_grad():
         _, _, mask, _, _ = system.model.vlm.prepare_inputs(
@@ -128,22 +128,21 @@ def test_max_length_keeps_the_questions_that_fit_after_each_images_own_tokens(tm
 
 
 def test_grouped_anyres_training_distils_every_crop(tmp_path):
-    from movekd.data import Collator as _Collator
     from movekd.train.build import stage_dataset
     from movekd.train.distributed import batch_item_counts
     from movekd.train.loop import train
 
     config, system = _grouped_stage(tmp_path)
     dataset = stage_dataset(system, config, config.stages[0])
-    batch = _Collator(system.pad_token_id)([dataset[i] for i in (0, 1, 3, len(dataset) - 1)])
+    batch = Collator(system.pad_token_id)([dataset[i] for i in (0, 1, 3, len(dataset) - 1)])
     images = batch["images"]
     crops = [num_crops(s, default_pinpoints(32), 32) for s in [(32, 64), (64, 32), (32, 96)]]
     assert images.crop_counts.tolist() == crops + [1] and batch["has_image"].tolist() == [True] * 3 + [False]
     assert [dataset[i].get("num_questions", 1) for i in (0, 1, 3)] == [4] * 3  # every question fits in 256
     seen = []
-    for teacher in system.model.teachers:
-        teacher.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[0])))
-    system.model.cache = None
+    hooks = [teacher.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[0])))
+             for teacher in system.model.teachers]
+    cache, system.model.cache = system.model.cache, None
     losses = system.model(images, batch["input_ids"], batch["attention_mask"], batch["labels"],
                           has_image=batch["has_image"], image_keys=[dataset.image_key(i) for i in batch["indices"]],
                           segment_ids=batch["segment_ids"])
@@ -151,7 +150,9 @@ def test_grouped_anyres_training_distils_every_crop(tmp_path):
     assert losses.counts == batch_item_counts(batch, config.kd)  # what the loop normalises by
     assert torch.isfinite(losses.total)
 
-    config, system = _grouped_stage(tmp_path / "run")
+    for hook in hooks:
+        hook.remove()
+    system.model.cache = cache
     result = train(config, system=system, show_progress=False)
     first, last = result.stages[0].first, result.stages[0].last
     assert last["text"] < first["text"] and last["kd"] < first["kd"]
