@@ -128,7 +128,8 @@ def run_ablation(data: dict, out: str | Path, *, rows: list[str], seeds: list[in
     known = [c["minutes"] for c in cells]
     if known:
         say(f"{len(done)} of {len(cells_todo)} cells already done; expected time for the remaining "
-            f"{len(remaining)}: {statistics.fmean(known) * len(remaining):.0f} min (mean of the finished cells)")
+            f"{len(remaining)}: {statistics.fmean(known) * len(remaining) / jobs:.0f} min (mean of the finished cells, "
+            f"{jobs} at a time)")
     else:
         say(f"{len(cells_todo)} cells ({len(rows)} rows x {len(seeds)} seeds), {jobs} at a time")
     if estimate and remaining:
