@@ -14,7 +14,7 @@ from movekd.data import Collator, ConversationEncoder, LlavaDataset
 from movekd.data.anyres import default_pinpoints, num_crops
 from movekd.vlm import MoveKDVLM, build_projector
 from movekd.vlm.anyres import AnyResPacker
-from tiny_vlm import TinyVision, make_llm, make_tokenizer
+from tiny_vlm import TinyVision, batch_loss_and_grads, make_llm, make_tokenizer
 
 QUESTIONS = [("what is the shape?", "circle"), ("what color is the shape?", "red"),
              ("does the image contain a triangle?", "no"), ("is there a blue shape?", "no")]
@@ -53,13 +53,7 @@ def test_grouped_anyres_loss_and_gradients_equal_separate_samples(tmp_path, attn
     options = dict(image_root=tmp_path, image_size=crop, image_aspect_ratio="anyres", grid_pinpoints=pinpoints)
 
     def loss_and_grads(dataset):
-        batch = collate([dataset[i] for i in range(len(dataset))])
-        vlm.zero_grad()
-        out = vlm(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                  supervised_logits_only=True, segment_ids=batch.get("segment_ids"))
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
-        return out.loss.detach(), grads, batch
+        return batch_loss_and_grads(vlm, collate, dataset)
 
     grouped = LlavaDataset(samples, enc, group_by_image=True, **options)
     separate = LlavaDataset(samples, enc, **options)

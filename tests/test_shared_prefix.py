@@ -11,7 +11,7 @@ from movekd.data.shared_prefix import group_by_image, merge_shared_prefix
 from movekd.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from movekd.vlm import MoveKDVLM, build_projector
 from movekd.vlm.model import segment_attention
-from tiny_vlm import TinyVision, make_llm, make_tokenizer, write_image
+from tiny_vlm import TinyVision, batch_loss_and_grads, make_llm, make_tokenizer, write_image
 
 QUESTIONS = [("what is the shape?", "circle"), ("what color is the shape?", "red"),
              ("does the image contain a triangle?", "no"), ("is there a blue shape?", "no")]
@@ -93,12 +93,7 @@ def test_grouped_loss_and_gradients_equal_separate_samples(tok, tmp_path, attn):
     collate = Collator(tok.pad_token_id)
 
     def loss_and_grads(dataset):
-        batch = collate([dataset[i] for i in range(len(dataset))])
-        vlm.zero_grad()
-        out = vlm(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                  supervised_logits_only=True, segment_ids=batch.get("segment_ids"))
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+        return batch_loss_and_grads(vlm, collate, dataset)[:2]
 
     grouped = LlavaDataset(samples, enc, image_root=tmp_path, image_size=16, group_by_image=True)
     separate = LlavaDataset(samples, enc, image_root=tmp_path, image_size=16)

@@ -87,3 +87,14 @@ def write_image(path: Path, color=(255, 0, 0), size: int = 16) -> None:
 def write_json(path: Path, samples) -> Path:
     path.write_text(json.dumps(samples))
     return path
+
+
+def batch_loss_and_grads(vlm, collate, dataset):
+    """``(loss, {name: grad}, batch)`` of one training batch holding every item of ``dataset``
+    (shared-prefix groups included): what the grouped-vs-separate equality tests compare."""
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    vlm.zero_grad()
+    out = vlm(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+              supervised_logits_only=True, segment_ids=batch.get("segment_ids"))
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}, batch
