@@ -166,10 +166,13 @@ def test_paper_preset_with_llava_lora_plan():
         plans[lora] = memory_plan(system, "ddp", 8, 80.0)["stages"][1]["per_device_gb"]
         if lora:  # LLaVA-1.5 LoRA of Vicuna-7B, all linear layers, rank 128: 32 x 128 x (4·8192 + 3·15104)
             assert rows["llm"][0] == 319_815_680
+            sharded = memory_plan(system, "fsdp", 8, 80.0)["stages"][1]["per_device_gb"]
     # under plain DDP the frozen LLM has no gradients, Adam moments or fp32 copy: far less memory
     assert plans[True]["optimizer_states"] < plans[False]["optimizer_states"] / 10
     assert plans[True]["gradients"] < plans[False]["gradients"] / 10
     assert plans[True]["total"] < 80 < plans[False]["total"]
+    # FSDP also shards the frozen bf16 LLM
+    assert sharded["parameters"] == pytest.approx(plans[True]["parameters"] / 8, rel=0.05)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -177,7 +180,6 @@ def test_paper_preset_with_llava_lora_plan():
     (["model.llm_lora.rank=0"], "'model.llm_lora': rank must be >= 1"),
     (["model.llm_lora.dropout=1.5"], "'model.llm_lora': dropout must be in"),
     (["model.llm_lora=8"], "'model.llm_lora' must be a mapping"),
-    (["model.llm_lora={}", "strategy=fsdp"], "strategy is fsdp but model.llm_lora is set"),
 ])
 def test_lora_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -189,3 +191,29 @@ def test_lora_target_modules_that_match_nothing_name_the_key(tmp_path):
     raw["model"]["llm_lora"]["target_modules"] = ["no_such_proj"]
     with pytest.raises(ConfigError, match="model.llm_lora.target_modules"):
         build_system(load_config(raw))
+
+
+def test_fsdp_units_of_a_lora_llm_take_one_gradient_dtype(tmp_path):
+    # FSDP2 fixes a unit's gradient dtype at the first forward, from the parameters that need a
+    # gradient then. With the fp32 adapters inside their bf16 decoder layer's unit and stage 1 not
+    # training them, no dtype was fixed and stage 2's backward failed (2 CPU processes, precision bf16:
+    # "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+    from movekd.train.loop import _trained_by
+    from movekd.train.sharding import _blocks, fsdp_units, units_without_gradient_dtype
+
+    config = load_config(lora_config(tmp_path, llm_dtype="bfloat16"))
+    system = build_system(config)
+    model = system.model
+    trained, first = _trained_by(system, config.stages), _trained_by(system, config.stages[:1])
+    assert {p.dtype for p in trained} == {torch.float32}
+    layers = ["vlm.llm.model.layers.0", "vlm.llm.model.layers.1"]  # the tiny Llama's decoder layers
+    names = {id(m): n for n, m in model.named_modules()}
+    whole_blocks = [(names[id(block)], [block]) for block in _blocks(model)]  # the wrapping before the fix
+    assert units_without_gradient_dtype(model, whole_blocks, trained, first) == layers
+    units = fsdp_units(model)
+    assert [n for n, _ in units if "LoRA" in n] == [f"{n} (LoRA adapters)" for n in layers]
+    assert units_without_gradient_dtype(model, units, trained, first) == []
+    # the root keeps the bf16 embeddings and head next to the fp32 projector: fine while the first
+    # sharded stage trains one of its parameters, refused when only a later stage does
+    lora_only = [p for n, p in named_groups(model)["llm"] if is_lora_parameter(n)]
+    assert units_without_gradient_dtype(model, units, trained, lora_only) == ["root"]

@@ -273,10 +273,6 @@ class TrainConfig:
         if anyres and self.teacher_cache_dir is not None and self.kd.enabled:
             raise ValueError(f"teacher_cache_dir: the disk cache of `movekd cache` does not hold AnyRes crops "
                              f"(stage {anyres[0]}); use the in-run cache (teacher_cache: true) instead")
-        if self.model.llm_lora is not None and self.strategy == "fsdp":
-            raise ValueError("strategy is fsdp but model.llm_lora is set: LoRA on the LLM is not supported "
-                             "under FSDP; set strategy: ddp or zero2 (the frozen LLM then needs no gradients "
-                             "or optimiser states, so DDP fits)")
 
     @property
     def uses_anyres(self) -> bool:

@@ -46,6 +46,15 @@ def add_llm_lora(llm: nn.Module, lora) -> set[str]:
     return frozen
 
 
+def lora_adapter_modules(module: nn.Module) -> list[nn.Module]:
+    """The adapters inside ``module``: every ``lora_A``/``lora_B`` layer of its LoRA layers, which peft
+    calls as modules in the forward (FSDP shards them as units of their own: movekd.train.sharding)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [adapter for layer in module.modules() if isinstance(layer, LoraLayer)
+            for adapters in (layer.lora_A, layer.lora_B) for adapter in adapters.values()]
+
+
 def has_llm_lora(llm: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 

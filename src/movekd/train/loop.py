@@ -105,10 +105,11 @@ class _StateDict:
         return self.state
 
 
-def _trained_by_any_stage(system: System, config: TrainConfig) -> list[torch.nn.Parameter]:
+def _trained_by(system: System, stages) -> list[torch.nn.Parameter]:
+    """The parameters some of ``stages`` trains."""
     from movekd.train.groups import named_groups
 
-    trained = {g for stage in config.stages for g in stage.train}
+    trained = {g for stage in stages for g in stage.train}
     return [p for g, params in named_groups(system.model).items() if g in trained
             for name, p in params if name not in system.always_frozen]
 
@@ -174,8 +175,6 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         match_checkpoint_dtypes(model, resume_dir / ckpt.WEIGHTS)  # fp32 trained copies stay fp32
         ckpt.load_model_weights(model, resume_dir)
     sharded = sharding.is_sharded(accelerator)
-    if sharded and config.model.llm_lora is not None:
-        raise NotImplementedError(sharding.LORA_ERROR)
     launch = {"strategy": sharding.strategy_name(accelerator), "processes": accelerator.num_processes,
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)}
     log.info("launch: %s", launch)
@@ -207,7 +206,7 @@ def _train(config: TrainConfig, *, resume: Path | None, show_progress: bool, sys
         if not fresh:
             log.info("stage %s: continuing at step %d", stage.name, state["step"])
         if sharded:  # before the optimiser is built: its parameters must be the sharded ones
-            sharding.shard_model(accelerator, model, _trained_by_any_stage(system, config))
+            sharding.shard_model(accelerator, model, _trained_by(system, config.stages), _trained_by(system, [stage]))
         if config.model.llm_lora is not None:
             # zero adapters are skipped until a stage trains them (or has trained them)
             set_llm_lora_active(system.model.vlm.llm, any("llm" in s.train for s in config.stages[:stage_index + 1]))

@@ -128,11 +128,6 @@ def memory_plan(system, strategy: str, devices: int, device_memory_gb: float) ->
     """Every stage's per-device estimate; ``per_device_gb`` is the most demanding stage's."""
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
-    if strategy == "fsdp" and system.config.model.llm_lora is not None:
-        from movekd.config.loader import ConfigError
-        from movekd.train.sharding import LORA_ERROR
-
-        raise ConfigError(f"strategy fsdp: {LORA_ERROR}")
     stages = []
     for stage in system.config.stages:
         gb = stage_memory(system, stage, strategy, devices)

@@ -2,8 +2,8 @@
 
 The strategy comes from the Accelerate config the run is launched with (``accelerate launch
 --config_file configs/accelerate/fsdp_1x8.yaml``: ``ACCELERATE_USE_FSDP`` and friends in the
-environment). Plugin options (resharding, CPU offload, mixed-precision policy) are honoured;
-the wrapping is ours:
+environment). Plugin options (resharding, CPU offload, the mixed-precision compute dtype) are
+honoured; the wrapping is ours:
 
 - **Blocks**: every LLM decoder layer and every student block is its own FSDP unit (all-gathered
   just before use, freed after), the rest (embeddings, projector, adapters, heads) is in the root unit.
@@ -15,9 +15,22 @@ the wrapping is ours:
   then reduce-scatters zeros for them (``set_reduce_scatter_unused_params``), so every rank joins
   the same collectives (DDP's ``find_unused_parameters`` plays that role under DDP); the loop
   then turns the zeros of experts no rank routed to back into ``None`` (see below).
-- **fp32 trained weights**: FSDP2 needs one dtype per unit and never re-shards a changed dtype, so
-  every parameter that *some* stage trains is cast to float32 before wrapping (compute follows the
-  mixed-precision policy / autocast).
+- **fp32 trained weights**: FSDP2 needs one dtype for the parameters of a unit that take gradients
+  and never re-shards a changed dtype, so every parameter that *some* stage trains is cast to float32
+  before wrapping (compute follows the mixed-precision policy / autocast).
+- **LoRA on the LLM** (``model.llm_lora``): the adapters of each decoder layer are a unit of their
+  own (fp32 masters, all-gathered in the policy's ``param_dtype``), inside the layer's unit, which
+  then holds only the frozen base weights (bf16 in the presets, never a gradient). In one unit with
+  the base they broke the backward under bf16: FSDP2 fixes a unit's gradient dtype once, at the first
+  forward, from the parameters that require a gradient *then*; in stage 1 the adapters do not, so
+  the unit's floating dtypes were {bf16, fp32}, none was fixed, and stage 2's gradients were
+  reduce-scattered in their compute dtype and assigned to the fp32 adapters unconverted ("attempting
+  to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float"). A unit that still
+  mixes dtypes (the root: the frozen bf16 embeddings and head of a LoRA LLM next to the fp32
+  projector) is checked before wrapping: if a later stage trains one of its parameters, the first
+  sharded stage must too (:func:`units_without_gradient_dtype`).
+- **Mixed precision**: the policy's ``param_dtype`` (bf16 for ``mixed_precision: bf16``) is kept,
+  but gradients are reduced in fp32 and outputs are not cast (:func:`mixed_precision_policy`).
 
 Checkpoints hold consolidated (full) weights and a consolidated optimiser state keyed by parameter
 name, gathered on rank 0; the final bundle is written from the consolidated weights and loads in
@@ -43,11 +56,6 @@ import torch
 from torch import nn
 
 TEACHERS_PREFIX = "teachers."
-LORA_ERROR = ("model.llm_lora under FSDP is not supported: on 2 CPU processes it trained like one process "
-              "in fp32, but with precision bf16 the backward failed (a bf16 gradient assigned to an fp32 "
-              "parameter), so it is refused rather than half-tested; train LoRA under DDP or DeepSpeed "
-              "ZeRO-2 (with LoRA the LLM has no gradients or optimiser states, so DDP fits: see README, "
-              "LoRA on the LLM)")
 
 
 def strategy_name(accelerator) -> str:
@@ -117,10 +125,67 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(accelerator, model: nn.Module, trained: list[nn.Parameter]) -> None:
-    """Prepare ``model`` for Accelerate's FSDP2 ``prepare``: fp32 trained weights, one unit per block,
-    teachers ignored (replicated), zeros reduce-scattered for unused experts. Idempotent."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+def fsdp_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """The FSDP units below the root, innermost first: per LLM decoder layer its LoRA adapters (if
+    any), then every block. Names are the blocks' paths in ``model``."""
+    from movekd.train.llm_lora import lora_adapter_modules
+
+    names = {id(m): name for name, m in model.named_modules()}
+    units = []
+    for block in _blocks(model):
+        adapters = lora_adapter_modules(block)
+        if adapters:
+            units.append((f"{names[id(block)]} (LoRA adapters)", adapters))
+        units.append((names[id(block)], [block]))
+    return units
+
+
+def units_without_gradient_dtype(model: nn.Module, units: list[tuple[str, list[nn.Module]]],
+                                 trained: list[nn.Parameter], trained_first: list[nn.Parameter]) -> list[str]:
+    """Names of the units (``units`` innermost first, then the root: every other non-teacher
+    parameter) whose backward FSDP2 would break: parameters of several dtypes, some trained by a
+    stage (``trained``) but none by the first stage this process shards (``trained_first``). FSDP2
+    takes a unit's gradient dtype from the parameters that require a gradient at the first forward,
+    and from all of them when none do: with mixed dtypes it then fixes none, and a later stage's
+    half-precision gradients reach its fp32 parameters unconverted."""
+    owned: list[tuple[str, list[nn.Parameter]]] = []
+    seen: set[int] = set()
+    for name, modules in units:
+        params = [p for m in modules for p in m.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in params}
+        owned.append((name, params))
+    owned.append(("root", [p for n, p in model.named_parameters()
+                           if id(p) not in seen and not n.startswith(TEACHERS_PREFIX)]))
+    ever, first = {id(p) for p in trained}, {id(p) for p in trained_first}
+    bad = []
+    for name, params in owned:
+        ids = {id(p) for p in params}
+        if len({p.dtype for p in params if p.is_floating_point()}) > 1 and ids & ever and not ids & first:
+            bad.append(name)
+    return bad
+
+
+def mixed_precision_policy(plugin):
+    """Accelerate's FSDP2 policy for ``mixed_precision: bf16`` reduce-scatters gradients in bf16 and
+    casts every unit's output to bf16, the root's too: the loss terms left the model rounded to bf16
+    and the loop's item-count rescaling (movekd.train.distributed) ran in bf16. Keep its compute
+    dtype; reduce in fp32, as DDP all-reduces the fp32 gradients of the trained weights; cast no
+    output (2 processes vs one with each policy: README, Multi-GPU)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = plugin.mixed_precision_policy
+    if policy is None or policy.param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(accelerator, model: nn.Module, trained: list[nn.Parameter],
+                trained_first: list[nn.Parameter]) -> None:
+    """Prepare ``model`` for Accelerate's FSDP2 ``prepare``: fp32 trained weights, one unit per block
+    (and per decoder layer's LoRA adapters), teachers ignored (replicated), zeros reduce-scattered
+    for unused experts. ``trained``: what some stage trains; ``trained_first``: what the stage about
+    to run (the first forward) trains. Idempotent."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:
@@ -131,10 +196,22 @@ def shard_model(accelerator, model: nn.Module, trained: list[nn.Parameter]) -> N
     for p in trained:
         if p.dtype != torch.float32:
             p.data = p.data.float()
+    units = fsdp_units(model)
+    bad = units_without_gradient_dtype(model, units, trained, trained_first)
+    if bad:
+        from movekd.config.loader import ConfigError
+
+        raise ConfigError(
+            f"FSDP unit '{bad[0]}' holds parameters of several dtypes that a later stage trains but the first "
+            "sharded stage does not: FSDP2 fixes a unit's gradient dtype at the first forward, from the "
+            "parameters training then, so the later backward would fail. Let the first stage's 'train' hold "
+            "one of them (e.g. the projector), or load the frozen ones in float32 (model.llm_dtype, "
+            "model.student.spec.dtype)")
+    plugin.mixed_precision_policy = mixed_precision_policy(plugin)  # Accelerate's root unit uses it too
     options = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
-               "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
-    for block in _blocks(model):
-        fully_shard(block, **options)
+               "mp_policy": plugin.mixed_precision_policy}
+    for _, modules in units:
+        fully_shard(modules if len(modules) > 1 else modules[0], **options)
     plugin.ignored_modules = [model.teachers]
     plugin.auto_wrap_policy = None  # the blocks are wrapped above; Accelerate wraps the root
     plugin.cpu_ram_efficient_loading = False
