@@ -91,7 +91,29 @@ def test_evaluate_vqa_scoring_and_skips(tok, tmp_path):
                              "yes/no": {"accuracy": 0.5, "correct": 1, "n": 2}}
     assert [p["correct"] for p in r["predictions"]] == [True, False, True, False, True]
     assert r["predictions"][0]["prediction"] == "Circle." and r["predictions"][3]["prediction"] is None
-    assert oracle.batch_sizes == [2, 1, 1]  # batch 2 lost its skipped sample
+    # Batches in prompt-length order (0, 1 | 4, 2 | 3): the last one held only the skipped sample.
+    assert oracle.batch_sizes == [2, 2]
+
+
+def test_eval_order_batches_anyres_images_by_crop_count(tmp_path):
+    from PIL import Image
+
+    from movekd.eval.order import length_sorted_order
+
+    pinpoints = [[8, 16], [16, 8], [16, 16], [24, 8], [8, 24]]  # LLaVA-NeXT's grid at an 8-px crop
+    sizes = {"wide.png": (8, 24), "square.png": (16, 16), "tall.png": (16, 8)}  # (height, width)
+    for name, (h, w) in sizes.items():
+        Image.new("RGB", (w, h)).save(tmp_path / name)
+    samples = [qa(0, "a long question with many words?", "x", image="square.png"),
+               qa(1, "short?", "x", image="square.png"),
+               qa(2, "q?", "x", image="wide.png"),      # 1 + 1x3 tiles
+               qa(3, "q?", "x", image="missing.png"),   # unreadable: first, the dataset skips it
+               qa(4, "q?", "x", image="tall.png")]      # 1 + 2x1 tiles
+    order = length_sorted_order(samples, image_root=tmp_path, image_aspect_ratio="anyres",
+                                grid_pinpoints=pinpoints, crop_size=8)
+    assert order == [3, 4, 2, 1, 0]  # 0, 3, 4, 5 crops; same crops: fewer prompt words first
+    plain = length_sorted_order(samples, image_root=tmp_path)
+    assert plain == [2, 3, 4, 1, 0]  # not AnyRes: prompt words only, ties in file order
 
 
 def test_overfit_then_evaluate_end_to_end(tok, tmp_path):

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from movekd.data.collate import Collator, pad_token_id_of
 from movekd.data.llava_json import LlavaDataset, validate_samples
 from movekd.data.templates import ROLE_MAP, ConversationEncoder
+from movekd.eval.order import length_sorted_order
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -89,7 +90,10 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     dataset = LlavaDataset(samples, encoder, image_root=image_root, image_size=image_size, prompt_only=True,
                            image_aspect_ratio=image_aspect_ratio, fill=fill, grid_pinpoints=grid_pinpoints)
     pad_id = pad_token_id_of(tokenizer)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    # Batches of similar prompt lengths (AnyRes: crop counts): less left padding in the prefill.
+    order = length_sorted_order(samples, image_root=image_root, image_aspect_ratio=image_aspect_ratio,
+                                grid_pinpoints=grid_pinpoints, crop_size=image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
                         collate_fn=Collator(pad_id, padding_side="left", image_size=image_size))
     device = next(vlm.parameters()).device
     predictions: dict[int, str] = {}
