@@ -113,7 +113,7 @@ def test_eval_order_batches_anyres_images_by_crop_count(tmp_path):
                                 grid_pinpoints=pinpoints, crop_size=8)
     assert order == [3, 4, 2, 1, 0]  # 0, 3, 4, 5 crops; same crops: fewer prompt words first
     plain = length_sorted_order(samples, image_root=tmp_path)
-    assert plain == [2, 3, 4, 1, 0]  # not AnyRes: prompt words only, ties in file order
+    assert plain == [1, 2, 3, 4, 0]  # not AnyRes: prompt words only (2, 2, 2, 2, 7), ties in file order
 
 
 def test_overfit_then_evaluate_end_to_end(tok, tmp_path):
