@@ -405,11 +405,11 @@ def test_bench_function_schema_and_cli(capsys, tmp_path):
 
     result = run_mole_bench(tokens=8, dim=32, hidden=64, rank=4, batches=(1, 2), precisions=("fp32", "bf16"),
                             repeats=1, warmup=0)
-    assert result["variants"] == ["plain", "lora", "folded", "index_scatter"]
+    assert result["variants"] == ["plain", "lora", "dense_masked", "folded", "index_scatter"]
     assert [(c["precision"], c["batch"], c["mode"]) for c in result["cases"]] == [
         (p, b, m) for p in ("fp32", "bf16") for b in (1, 2) for m in MODES]
     for case in result["cases"]:
-        expected = {"lora", "folded", "index_scatter"} if case["mode"] == "inference" else {"lora", "index_scatter"}
+        expected = {"lora", "dense_masked", "index_scatter"} | ({"folded"} if case["mode"] == "inference" else set())
         for key in ("ratio", "cpu_ratio", "min_ratio"):
             assert set(case[key]) == expected and all(r > 0 for r in case[key].values())
         assert set(case["seconds"]) == expected | {"plain"}
@@ -419,7 +419,7 @@ def test_bench_function_schema_and_cli(capsys, tmp_path):
     assert result["gflops"]["2"]["mole"] > result["gflops"]["2"]["plain"] > result["gflops"]["1"]["plain"] > 0
     gated = run_mole_bench(tokens=8, dim=32, hidden=64, rank=4, batches=(1,), precisions=("fp32",), repeats=1,
                            warmup=0, routing="gated")
-    assert gated["variants"] == ["plain", "lora"]  # folding and the reference are sparse-only
+    assert gated["variants"] == ["plain", "lora", "dense_masked"]  # folding and the reference are sparse-only
     with pytest.raises(ValueError, match="precision"):
         run_mole_bench(tokens=8, dim=32, hidden=64, precisions=("fp16",))
     parser = argparse.ArgumentParser()

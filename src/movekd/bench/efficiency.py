@@ -112,7 +112,8 @@ def build_pair(config: TrainConfig, device: str | torch.device = "meta",
     dtype = dtype or getattr(torch, config.model.llm_dtype)
     mole = config.model.student.mole
     options = {"num_experts": mole.num_experts, "rank": mole.rank, "alpha": mole.alpha, "dropout": mole.dropout,
-               "routing": mole.routing, "init": mole.init, **({"top_k": mole.top_k} if mole.routing == "topk" else {})}
+               "routing": mole.routing, "init": mole.init, "grouped_kernel": mole.grouped_kernel,
+               **({"top_k": mole.top_k} if mole.routing == "topk" else {})}
     spec = config.model.student.spec.replace(pretrained=False, provides_cls_attention=False)
     with torch.device(device):
         student = build_student(spec, mole=mole.enabled, mole_options=options,

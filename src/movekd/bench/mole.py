@@ -1,9 +1,11 @@
 """Cost of a MoLE FFN against the plain FFN it wraps, at CLIP ViT-L shapes by default.
 
-Four layers share the same fc1/fc2 (and, for the MoLE ones, the same experts and router):
+The variants share the same fc1/fc2 (and, for the MoLE ones, the same experts and router):
 
 - ``plain``: the HF CLIP MLP (fc1 -> quick_gelu -> fc2), what ``inject_mole`` wraps;
 - ``lora``: our ``MoLEFFN`` on its grouped path (tokens sorted by expert, one fused kernel per linear);
+- ``dense_masked``: the same layer with ``grouped_kernel="dense_masked"`` (token order, every expert's
+  LoRA in one GEMM per side masked by the gates: fewer GEMM calls, E times the LoRA FLOPs);
 - ``folded``: the same with ``fold_inference=True`` (sparse routing, inference only): each expert
   folded into its own pre-packed copy of fc1/fc2, no LoRA FLOPs, E extra copies of the FFN weights
   (``fold_extra_bytes``);
@@ -39,7 +41,7 @@ from movekd.mole.inject import wrap_ffn
 
 PRECISIONS = ("fp32", "bf16")
 MODES = ("inference", "train", "train_frozen_base")
-VARIANTS = ("plain", "lora", "folded", "index_scatter")
+VARIANTS = ("plain", "lora", "dense_masked", "folded", "index_scatter")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -89,7 +91,8 @@ def run_mole_bench(
     threads: int | None = None,
     seed: int = 0,
 ) -> dict:
-    """Time plain, LoRA-path, folded and index-and-scatter FFNs interleaved; return medians and ratios.
+    """Time plain, LoRA-path (both top-1 kernels), folded and index-and-scatter FFNs interleaved;
+    return medians and ratios.
 
     Defaults are the paper preset at CLIP ViT-L/14-336 (E=3 experts, rank 32, dropout 0.05, sparse
     top-1, 577 tokens); ``modes`` is any of ``MODES``. Returns ``config``; ``cases``: one entry per (precision, batch, mode) with
@@ -114,7 +117,7 @@ def run_mole_bench(
         torch.manual_seed(seed)
         plain = _plain_ffn(dim, hidden)
         lora = wrap_ffn(copy.deepcopy(plain), num_experts=num_experts, rank=rank, dropout=dropout, routing=routing)
-        modules: dict[str, nn.Module] = {"plain": plain, "lora": lora}
+        modules: dict[str, nn.Module] = {"plain": plain, "lora": lora, "dense_masked": lora}
         if routing == "sparse":
             modules["folded"] = lora  # run with fold_inference switched on (see _run_cases)
             modules["index_scatter"] = IndexScatterMoLE(lora)
@@ -151,8 +154,14 @@ def _run_cases(
             return torch.autocast(x.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def infer(module: nn.Module, fold: bool = False) -> Callable[[], None]:
+    def kernel(variant: str, module: nn.Module) -> None:
+        # ``lora`` and ``dense_masked`` are one module run with either top-1 kernel
+        if variant in ("lora", "dense_masked"):
+            module.grouped_kernel = "dense_masked" if variant == "dense_masked" else "segments"
+
+    def infer(module: nn.Module, fold: bool = False, variant: str = "") -> Callable[[], None]:
         def run() -> None:
+            kernel(variant, module)
             module.eval()
             if fold:
                 module.fold_inference = True
@@ -164,8 +173,9 @@ def _run_cases(
                     module.fold_inference = False
         return run
 
-    def train(module: nn.Module, frozen_base: bool) -> Callable[[], None]:
+    def train(module: nn.Module, frozen_base: bool, variant: str = "") -> Callable[[], None]:
         def run() -> None:
+            kernel(variant, module)
             module.train()
             for name, p in module.named_parameters():
                 p.requires_grad_(not (frozen_base and name.split(".")[-2] in ("fc1", "fc2")))
@@ -183,7 +193,7 @@ def _run_cases(
     results = []
     for mode in modes:
         runs = {
-            name: infer(m, name == "folded") if mode == "inference" else train(m, mode == "train_frozen_base")
+            name: infer(m, name == "folded", name) if mode == "inference" else train(m, mode == "train_frozen_base", name)
             for name, m in modules.items() if mode == "inference" or name != "folded"
         }
         names = list(runs)

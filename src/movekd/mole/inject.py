@@ -66,6 +66,7 @@ def inject_mole(
     *,
     top_k: int = 2,
     fold_inference: bool | str = False,
+    grouped_kernel: str = "segments",
     module_filter: Callable[[str], bool] | None = None,
 ) -> nn.Module:
     """Replace every supported FFN in ``model`` by a ``MoLEFFN`` (paper Eq. 1), in place.
@@ -81,6 +82,10 @@ def inject_mole(
         fold_inference: fold experts into per-expert fc1/fc2 copies for sparse eval (no LoRA FLOPs, E
             extra copies of the FFN weights in memory); ``"auto"``: only where they can be pre-packed
             (CPU with oneDNN).
+        grouped_kernel: kernel of top-1 routing (sparse/gated) outside folded inference:
+            ``"segments"`` (tokens sorted by expert, each expert's LoRA on its own rows) or
+            ``"dense_masked"`` (token order, all experts in one GEMM per side masked by the gates:
+            fewer GEMM calls, E times the LoRA FLOPs; see ``movekd.mole.layer``).
         module_filter: optional predicate on the qualified module name (e.g. to skip a text tower).
 
     Returns:
@@ -91,7 +96,7 @@ def inject_mole(
         raise ValueError("model already contains MoLE layers; inject_mole must be applied once")
     options = dict(
         num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout, routing=routing, top_k=top_k,
-        init=init, fold_inference=fold_inference,
+        init=init, fold_inference=fold_inference, grouped_kernel=grouped_kernel,
     )
     targets = []
     for parent_name, parent in model.named_modules():

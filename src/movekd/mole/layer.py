@@ -12,7 +12,7 @@ Routing modes (``routing=``):
 - ``"dense"``: gate-weighted sum of all experts (the official unused ``dense`` flag).
 - ``"topk"``: the ``top_k`` most probable experts, gates renormalised over them.
 
-Three execution paths give the same numbers (tested against a plain per-expert reference):
+Four execution paths give the same numbers (tested against a plain per-expert reference):
 
 - *grouped* (default for sparse/gated, training and inference): tokens are sorted by expert once
   (one d-wide row gather), and each of fc1 / fc2 with its experts is one fused autograd kernel
@@ -21,6 +21,13 @@ Three execution paths give the same numbers (tested against a plain per-expert r
   the big GEMM accumulates onto it in place over *all* tokens; the backward likewise accumulates the
   big input-gradient GEMM onto the LoRA's. One d-wide gather restores the token order. Nothing H-wide
   is gathered, scattered or concatenated.
+- *dense-masked* (``grouped_kernel="dense_masked"``, sparse/gated, opt-in): no sorting; per linear one
+  fused kernel (``movekd.mole.kernels.mole_linear_masked``) runs every routed expert's LoRA on every
+  token as one GEMM per side and zeroes the others with the gate matrix: 3 GEMMs forward and at most 6
+  backward whatever E, against 2 + 2E and 2 + 4E plus 4 row gathers for *grouped*, but E times the
+  LoRA FLOPs (CLIP-L, E=3, r=32: +11.7 % of the FFN against +3.9 %). ``movekd bench mole`` measured
+  it no faster than *grouped* at CLIP-L shapes on CPU (README, Performance), hence not the default; it
+  suits many experts with few tokens each, or devices where a GEMM call costs more than its FLOPs.
 - *folded* (``fold_inference=True``, or ``"auto"``: where weights can be pre-packed, i.e. CPU with
   oneDNN; sparse, eval, no autograd): each expert folded into its own cached copy of fc1/fc2 (in the
   compute dtype), so no LoRA FLOPs, and on CPU pre-packed once into oneDNN's blocked layout, so the E
@@ -43,6 +50,7 @@ from torch import Tensor, nn
 
 from movekd.mole.kernels import (
     mole_linear,
+    mole_linear_masked,
     pack_linear_weight,
     packed_linear,
     packed_linear_supported,
@@ -53,6 +61,7 @@ from movekd.mole.lora import LoRAExpert
 
 ROUTINGS = ("sparse", "gated", "dense", "topk")
 FOLD_CHOICES = (False, True, "auto")
+GROUPED_KERNELS = ("segments", "dense_masked")
 _TICKS = itertools.count()  # global order of router-probability records
 
 
@@ -93,6 +102,7 @@ class MoLEFFN(nn.Module):
         top_k: int = 2,
         init: str = "paper",
         fold_inference: bool | str = False,
+        grouped_kernel: str = "segments",
     ) -> None:
         super().__init__()
         if routing not in ROUTINGS:
@@ -105,6 +115,8 @@ class MoLEFFN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if fold_inference not in FOLD_CHOICES:
             raise ValueError(f"fold_inference must be one of {FOLD_CHOICES}, got {fold_inference!r}")
+        if grouped_kernel not in GROUPED_KERNELS:
+            raise ValueError(f"grouped_kernel must be one of {GROUPED_KERNELS}, got {grouped_kernel!r}")
         self.fc1 = fc1
         self.fc2 = fc2
         # Everything between fc1 and fc2 (activation, timm's drop1/norm) and after fc2 (timm's drop2),
@@ -134,6 +146,7 @@ class MoLEFFN(nn.Module):
         # autograd only): an expert no token chose gets no gradient (None), and a sharded run must
         # keep it that way (movekd.train.sharding.drop_unrouted_expert_grads).
         self.experts_routed = [False] * num_experts
+        self.grouped_kernel = grouped_kernel
         self._fold_cache: tuple | None = None
         self._fold_key: tuple | None = None
 
@@ -200,6 +213,8 @@ class MoLEFFN(nn.Module):
         elif (self.routing == "sparse" and not self.training and not torch.is_grad_enabled()
               and self._fold_now(x2.device, dtype or x2.dtype)):
             y = self._forward_folded(x2, probs.argmax(-1), dtype)
+        elif self.grouped_kernel == "dense_masked":
+            y = self._forward_masked(x2, probs, dtype)
         else:
             expert = probs.argmax(-1)
             gate = probs.gather(1, expert[:, None]) if self.routing == "gated" else None
@@ -257,6 +272,35 @@ class MoLEFFN(nn.Module):
             _cast(base.weight, dtype), _cast(base.bias, dtype), gate,
             [_cast(m.lora_A.weight, dtype) for m in loras], [_cast(m.lora_A.bias, dtype) for m in loras],
             [_cast(m.lora_B.weight, dtype) for m in loras], [_cast(m.lora_B.bias, dtype) for m in loras],
+        )
+
+    # ------------------------------------------------------------------ dense-masked (top-1)
+    def _forward_masked(self, x: Tensor, probs: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """Top-1 in token order: each of fc1 / fc2 one ``mole_linear_masked`` over the experts some
+        token chose, with the gate matrix (one-hot, times the gate for ``gated``) as the mask. The
+        host counts drop unrouted experts from the stack, so they get no gradient (None)."""
+        expert = probs.argmax(-1)
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        if torch.is_grad_enabled():
+            self.experts_routed = [was or n > 0 for was, n in zip(self.experts_routed, counts)]
+        used = [e for e, n in enumerate(counts) if n]
+        gates = F.one_hot(expert, self.num_experts).to(probs.dtype)
+        if self.routing == "gated":
+            gates = gates * probs
+        if len(used) < self.num_experts:
+            gates = gates[:, used]
+        gates = gates.to(x.dtype)
+        h = self._linear_masked(self.fc1, self.moe_down, x, gates, used)
+        y = self._linear_masked(self.fc2, self.moe_up, self._mid(h, dtype), gates, used)
+        return self._post(y)
+
+    def _linear_masked(self, base: nn.Linear, experts: nn.ModuleList, z: Tensor, gates: Tensor,
+                       used: list[int]) -> Tensor:
+        loras = [experts[e] for e in used]
+        return mole_linear_masked(
+            z, gates, self._dropout_p(), self.scaling, base.weight, base.bias,
+            [m.lora_A.weight for m in loras], [m.lora_A.bias for m in loras],
+            [m.lora_B.weight for m in loras], [m.lora_B.bias for m in loras],
         )
 
     # ------------------------------------------------------------------ folded (sparse inference)

@@ -152,7 +152,8 @@ def build_system(config: TrainConfig, device: str | torch.device = "cpu") -> Sys
     student_spec = config.model.student.spec.replace(pretrained=False) if meta else config.model.student.spec
     mole = config.model.student.mole
     mole_options = {"num_experts": mole.num_experts, "rank": mole.rank, "alpha": mole.alpha,
-                    "dropout": mole.dropout, "routing": mole.routing, "init": mole.init}
+                    "dropout": mole.dropout, "routing": mole.routing, "init": mole.init,
+                    "grouped_kernel": mole.grouped_kernel}
     if mole.routing == "topk":
         mole_options["top_k"] = mole.top_k
     with torch.device("meta") if meta else torch.device("cpu"):

@@ -47,6 +47,11 @@ class MoLEConfig:
     routing: Literal["sparse", "gated", "dense", "topk"] = "sparse"
     top_k: int = 2
     init: Literal["paper", "zero_b"] = "paper"
+    # How top-1 routing (sparse/gated) runs, same numbers either way: "segments" sorts tokens by
+    # expert and runs each expert's LoRA on its own rows; "dense_masked" runs every expert on every
+    # token in one GEMM per side masked by the gates (fewer GEMM calls, E times the LoRA FLOPs:
+    # measured no faster at CLIP-L shapes on CPU, README Performance). See movekd.mole.layer.
+    grouped_kernel: Literal["segments", "dense_masked"] = "segments"
 
 
 @dataclass
