@@ -7,17 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from movekd.mole import MoLEFFN, inject_mole, kernels, mole_layers
-from test_mole import grads, layer, reference_ffn, tiny
+from test_mole import _one_thread, grads, layer, reference_ffn, tiny  # noqa: F401 (autouse fixture)
 
 KERNELS = ("segments", "dense_masked")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _run(m: MoLEFFN, kernel: str, x: torch.Tensor, params: list[torch.Tensor], autocast: bool = False):
@@ -26,6 +18,19 @@ def _run(m: MoLEFFN, kernel: str, x: torch.Tensor, params: list[torch.Tensor], a
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = m(x)
     return out, grads(out.float(), [x] + params)
+
+
+def _same_with_same_lanes(m: MoLEFFN, x: torch.Tensor, params: list[torch.Tensor], monkeypatch) -> torch.Tensor:
+    """Both kernels on the same dropout lanes give the same output and gradients; returns the output."""
+    results = {}
+    for kernel in KERNELS:
+        _lanes_by_token(m, x, monkeypatch, kernel)
+        results[kernel] = _run(m, kernel, x, params)
+    (out_s, grads_s), (out_d, grads_d) = results["segments"], results["dense_masked"]
+    torch.testing.assert_close(out_d, out_s, rtol=0, atol=1e-5)
+    for g, w in zip(grads_d, grads_s):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    return out_d
 
 
 def _lanes_by_token(m: MoLEFFN, x: torch.Tensor, monkeypatch, kernel: str, seed: int = 3) -> None:
@@ -72,14 +77,7 @@ def test_same_dropout_lanes_same_numbers(routing, monkeypatch):
     m = layer(routing, dropout=0.3).train()
     x = torch.randn(2, 65, 32, requires_grad=True)
     params = list(m.parameters())
-    results = {}
-    for kernel in KERNELS:
-        _lanes_by_token(m, x, monkeypatch, kernel)
-        results[kernel] = _run(m, kernel, x, params)
-    (out_s, grads_s), (out_d, grads_d) = results["segments"], results["dense_masked"]
-    torch.testing.assert_close(out_d, out_s, rtol=0, atol=1e-5)
-    for g, w in zip(grads_d, grads_s):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    out_d = _same_with_same_lanes(m, x, params, monkeypatch)
     with torch.no_grad():  # and dropout did act
         assert (out_d - reference_ffn(m, x)).abs().max() > 1e-3
 
@@ -130,14 +128,7 @@ def test_frozen_base(routing, monkeypatch):
     m.fc2.requires_grad_(False)
     x = torch.randn(2, 65, 32, requires_grad=True)
     params = [p for p in m.parameters() if p.requires_grad]
-    results = {}
-    for kernel in KERNELS:
-        _lanes_by_token(m, x, monkeypatch, kernel)
-        results[kernel] = _run(m, kernel, x, params)
-    (out_s, grads_s), (out_d, grads_d) = results["segments"], results["dense_masked"]
-    torch.testing.assert_close(out_d, out_s, rtol=0, atol=1e-5)
-    for g, w in zip(grads_d, grads_s):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    _same_with_same_lanes(m, x, params, monkeypatch)
     monkeypatch.undo()
     m.grouped_kernel = "dense_masked"
     m(x).sum().backward()
