@@ -1,10 +1,10 @@
 """Evaluation order: samples batched with others of about the same length.
 
 Batched greedy generation left-pads every prompt of a batch to the batch's longest, and the prefill
-(the whole prompt through the LLM) is most of an evaluation's time. Under AnyRes an image becomes 2 to
-10 crops' worth of tokens depending on its aspect ratio (``movekd.data.anyres``), so a batch drawn in
-file order is padded to its largest grid: on ``demo_next``'s five canvas shapes (109 to 182 image
-tokens) about a third of the prefill was padding. Sorting by the image's crop count, then by the
+(the whole prompt through the LLM) is most of an evaluation's time. Under AnyRes an image becomes
+as many crops' worth of tokens as its aspect ratio's tile grid gives (``movekd.data.anyres``), so a
+batch drawn in file order is padded to its largest grid (``demo_next``'s five canvas shapes give 3 to
+5 crops per image). Sorting by the image's crop count, then by the
 prompt's word count, makes each batch nearly uniform. Predictions are keyed by sample index, so the
 order changes no score (up to the float rounding of differently shaped batches).
 

@@ -284,9 +284,7 @@ class MoLEFFN(nn.Module):
         if torch.is_grad_enabled():
             self.experts_routed = [was or n > 0 for was, n in zip(self.experts_routed, counts)]
         used = [e for e, n in enumerate(counts) if n]
-        gates = F.one_hot(expert, self.num_experts).to(probs.dtype)
-        if self.routing == "gated":
-            gates = gates * probs
+        gates = self.gates(probs)  # one-hot, times the routed probability for "gated"
         if len(used) < self.num_experts:
             gates = gates[:, used]
         gates = gates.to(x.dtype)
