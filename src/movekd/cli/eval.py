@@ -17,6 +17,12 @@ def register(subparsers) -> None:
     parser.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
     parser.add_argument("--max-samples", type=int, default=None, help="seeded subset of this size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample-by", choices=("question", "image"), default="question",
+                        help="draw the --max-samples subset by question, or by image with all its questions "
+                        "(they then share the image's prompt prefix)")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="run every question's prompt on its own instead of each image's common prefix once "
+                        "(same answers up to float rounding; slower where images have several questions)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
@@ -46,7 +52,8 @@ def _run(args) -> int:
     loaded = load_trained(args.checkpoint, fold_experts=False if args.no_fold else "auto")
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,
-                        image_aspect_ratio=args.image_aspect_ratio)
+                        image_aspect_ratio=args.image_aspect_ratio, sample_by=args.sample_by,
+                        share_image_prefix=not args.no_share_prefix)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
         records = result.pop("predictions")

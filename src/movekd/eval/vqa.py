@@ -24,6 +24,7 @@ from movekd.data.collate import Collator, pad_token_id_of
 from movekd.data.llava_json import LlavaDataset, validate_samples
 from movekd.data.templates import ROLE_MAP, ConversationEncoder
 from movekd.eval.order import length_sorted_order
+from movekd.eval.shared_prefix import can_share_prefix, generate_batch, image_batches
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -66,7 +67,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
                  encoder: ConversationEncoder | None = None, system_prompt: str | None = None,
                  bos: str = "auto", first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
                  image_aspect_ratio: str = "stretch", fill: tuple[int, int, int] = (0, 0, 0),
-                 grid_pinpoints=None, **generate_kwargs) -> dict:
+                 grid_pinpoints=None, share_image_prefix: bool = True, **generate_kwargs) -> dict:
     """Batched greedy generation on ``samples`` and exact-match accuracy.
 
     Args:
@@ -79,6 +80,9 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
         image_size: the square resize used in training.
         image_aspect_ratio / fill: how images become squares (:mod:`movekd.data.images`), as in training.
         grid_pinpoints: the AnyRes grid when ``image_aspect_ratio="anyres"`` (``image_size``: the crop side).
+        share_image_prefix: batch each image's questions together and run their common prompt prefix
+            (the image tokens) once (:mod:`movekd.eval.shared_prefix`; same greedy answers up to float
+            rounding). Applies to a ``MoveKDVLM`` decoding greedily without ``generate_kwargs``.
 
     Returns:
         ``{"accuracy", "correct", "n", "skipped", "per_type": {type: {"accuracy", "correct", "n"}}}``,
@@ -93,8 +97,14 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     # Batches of similar prompt lengths (AnyRes: crop counts): less left padding in the prefill.
     order = length_sorted_order(samples, image_root=image_root, image_aspect_ratio=image_aspect_ratio,
                                 grid_pinpoints=grid_pinpoints, crop_size=image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                        collate_fn=Collator(pad_id, padding_side="left", image_size=image_size))
+    collate = Collator(pad_id, padding_side="left", image_size=image_size)
+    share = share_image_prefix and can_share_prefix(vlm, generate_kwargs)
+    if share:
+        loader = DataLoader(dataset, batch_sampler=image_batches(samples, order, batch_size), num_workers=num_workers,
+                            collate_fn=collate)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers, collate_fn=collate)
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else vlm_eos(vlm)
     device = next(vlm.parameters()).device
     predictions: dict[int, str] = {}
     skipped = 0
@@ -105,9 +115,12 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
             skipped += len(batch["skipped"])
             if not batch["indices"]:
                 continue
-            out = vlm.generate(batch["images"].to(device), batch["input_ids"].to(device),
-                               batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **generate_kwargs)
+            out = generate_batch(vlm, batch, samples, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                                 pad_token_id=pad_id) if share else None
+            if out is None:
+                out = vlm.generate(batch["images"].to(device), batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_id, pad_token_id=pad_id, **generate_kwargs)
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
             predictions.update(zip(batch["indices"], texts))
     finally:
@@ -129,6 +142,12 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     if return_predictions:
         result["predictions"] = records
     return result
+
+
+def vlm_eos(vlm):
+    """The LLM's own EOS id(s), for a tokenizer without one."""
+    config = getattr(getattr(vlm, "llm", None), "generation_config", None)
+    return getattr(config, "eos_token_id", None)
 
 
 def answer_prior_baseline(train_samples: list[dict], test_samples: list[dict], *, first_word: bool = True) -> dict:

@@ -228,8 +228,15 @@ class EvalConfig:
     image_root: Optional[str] = None
     max_samples: Optional[int] = 500
     seed: int = 0
+    # How the max_samples subset is drawn: "question" (questions at random) or "image" (images at
+    # random with all their questions, the last one cut to max_samples): several questions per image
+    # then share the image's prompt prefix (share_image_prefix), at the cost of a clustered sample.
+    sample_by: Literal["question", "image"] = "question"
     batch_size: int = 32
     max_new_tokens: int = 4
+    # Run each image's common prompt prefix (the image tokens) once for all its questions in a batch
+    # (movekd.eval.shared_prefix): same greedy answers up to float rounding.
+    share_image_prefix: bool = True
     # Prompt format: None (default) = the bundle's own (the last training stage's); set only to
     # evaluate a model under a different prompt. system_prompt None also means the bundle's.
     template: Optional[Literal["plain", "chat", "v1"]] = None

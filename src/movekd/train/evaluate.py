@@ -10,15 +10,33 @@ from movekd.train.config import EvalConfig
 
 
 def eval_samples(config: EvalConfig) -> tuple[list[dict], Path]:
-    """The fixed evaluation subset: ``max_samples`` drawn with ``seed`` (all if None)."""
+    """The fixed evaluation subset: ``max_samples`` drawn with ``seed`` (all if None), questions at
+    random or, with ``sample_by="image"``, whole images at random (file order within an image)."""
     from movekd.data import load_llava_json
 
     path = resolve_path(config.data)
     samples = load_llava_json(path)
     if config.max_samples is not None and config.max_samples < len(samples):
-        samples = random.Random(config.seed).sample(samples, config.max_samples)
+        if config.sample_by == "image":
+            samples = _whole_images(samples, config.max_samples, config.seed)
+        else:
+            samples = random.Random(config.seed).sample(samples, config.max_samples)
     root = resolve_path(config.image_root) if config.image_root else path.parent
     return samples, root
+
+
+def _whole_images(samples: list[dict], count: int, seed: int) -> list[dict]:
+    """``count`` samples: images drawn at random, each with all its questions (the last image cut)."""
+    from movekd.data.shared_prefix import group_by_image
+
+    groups = group_by_image(samples)
+    random.Random(seed).shuffle(groups)
+    chosen: list[dict] = []
+    for members in groups:
+        chosen += [samples[i] for i in members]
+        if len(chosen) >= count:
+            break
+    return chosen[:count]
 
 
 def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> dict:
@@ -42,7 +60,7 @@ def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> di
                               bos=config.bos or loaded.bos,
                               image_size=loaded.config.replace(image_aspect_ratio=mode).decode_size,
                               return_predictions=return_predictions, image_aspect_ratio=mode, fill=loaded.fill,
-                              grid_pinpoints=loaded.grid_pinpoints)
+                              grid_pinpoints=loaded.grid_pinpoints, share_image_prefix=config.share_image_prefix)
     if config.prior_data:
         prior = answer_prior_baseline(load_llava_json(resolve_path(config.prior_data)), samples)
         result["prior"] = {"accuracy": prior["accuracy"],
