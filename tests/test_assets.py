@@ -83,6 +83,8 @@ def test_dinov2_matches_onnx_backbone(tmp_path):
 def test_easyvqa_llava_json_round_trip():
     from easy_vqa import get_test_questions, get_train_questions
 
+    from movekd.assets.easyvqa import COLOURS, SHAPES
+
     folder = ensure("easyvqa")
     train = json.loads((folder / "train.json").read_text())
     test = json.loads((folder / "test.json").read_text())
@@ -99,8 +101,34 @@ def test_easyvqa_llava_json_round_trip():
     assert {s["type"] for s in test} == {"yes/no", "shape", "color"}
     assert len(pretrain) > 3_900  # one caption per train image whose content the questions state
     assert all((folder / s["image"]).is_file() for s in pretrain)
-    first = {s["image"]: s["conversations"][1]["value"] for s in pretrain}["images/train/0.png"]
-    assert first == "a blue rectangle"  # image 0: "what is the blue shape?" → "rectangle"
+    caption = {s["image"]: s["conversations"][1]["value"] for s in pretrain}
+    assert caption["images/train/0.png"] == "a blue rectangle"  # image 0: "what is the blue shape?" → "rectangle"
+    # Every caption agrees with every question of its image (a negation read wrong would not).
+    for sample in train:
+        words = sample["conversations"][0]["value"].rstrip("?").split()
+        answer = sample["conversations"][1]["value"]
+        said = caption.get(sample["image"], "").split()[1:]
+        if sample["type"] != "yes/no":  # a direct answer: the caption names it or nothing of its kind
+            vocabulary = set(SHAPES if sample["type"] == "shape" else COLOURS)
+            assert set(said) & vocabulary in ({answer}, set()), (sample, said)
+            continue
+        for word in set(words) & set(said) - {"shape"}:
+            assert (answer == "yes") != ("not" in words or "no" in words), (sample, caption[sample["image"]])
+
+
+def test_easyvqa_labels_read_both_negations():
+    from movekd.assets.easyvqa import _facts, image_labels
+
+    assert _facts("is no red shape present?", "yes") == ("color", "red", False)
+    assert _facts("is there not a red shape?", "no") == ("color", "red", True)
+    assert _facts("is a circle present?", "no") == ("shape", "circle", False)
+    questions = [("is no red shape present?", "yes", 0), ("what color is the shape?", "blue", 0),
+                 ("is no red shape present?", "yes", 1), ("is there a circle?", "no", 1),
+                 ("does the image not contain a triangle?", "yes", 1)]
+    # Image 1: red ruled out, one colour stated by nothing; circle and triangle ruled out → rectangle.
+    assert image_labels(questions) == {0: ("blue", None), 1: (None, "rectangle")}
+    colours = ["red", "green", "blue", "black", "gray", "teal", "yellow"]  # all but brown ruled out
+    assert image_labels([(f"is there a {c} shape?", "no", 2) for c in colours]) == {2: ("brown", None)}
 
 
 @pytest.mark.assets

@@ -61,10 +61,14 @@ def _facts(question: str, answer: str) -> tuple[str, str, bool] | None:
     if kind != "yes/no":
         return kind, answer, True
     words = question.rstrip("?").split()
+    # easy-vqa negates with "not" ("is there not a red shape?") and with "no" ("is no red shape
+    # present?"): either flips the answer. (Version 1 of this asset read only "not", so "is no red
+    # shape present?" → "yes" stated *red*: of its 3,991 stage-1 captions 89 named a wrong colour,
+    # 87 a wrong shape, and 223 a colour or shape that no question of the image states.)
+    negated = "not" in words or "no" in words
     for word in words:
         if word in SHAPES or word in COLOURS:
-            # "is there not a red shape?" → "no" means there is one: negation flips the answer.
-            holds = (answer == "yes") != ("not" in words)
+            holds = (answer == "yes") != negated
             return ("shape" if word in SHAPES else "color"), word, holds
     return None
 
@@ -74,7 +78,7 @@ def image_labels(questions: list[tuple[str, str, int]]) -> dict[int, tuple[str |
 
     Every easy-vqa image holds one shape of one colour. Direct answers ("what color is the shape?")
     and yes/no questions ("is there not a circle?" → "no") both state facts; a shape ruled out twice
-    leaves the third one.
+    leaves the third one (a colour ruled out seven times, the eighth).
     """
     found: dict[int, dict[str, Counter]] = {}
     excluded: dict[int, set[str]] = {}
@@ -85,28 +89,33 @@ def image_labels(questions: list[tuple[str, str, int]]) -> dict[int, tuple[str |
         kind, word, holds = fact
         if holds:
             found.setdefault(image_id, {}).setdefault(kind, Counter())[word] += 1
-        elif kind == "shape":
+        else:
             excluded.setdefault(image_id, set()).add(word)
     result = {}
     for image_id in sorted(set(found) | set(excluded)):
         facts = found.get(image_id, {})
-        shape = facts["shape"].most_common(1)[0][0] if "shape" in facts else None
-        remaining = [s for s in SHAPES if s not in excluded.get(image_id, set())]
-        if shape is None and len(remaining) == 1:
-            shape = remaining[0]
-        colour = facts["color"].most_common(1)[0][0] if "color" in facts else None
-        result[image_id] = (colour, shape)
+        ruled_out = excluded.get(image_id, set())
+        result[image_id] = tuple(_label(facts.get(kind), ruled_out, words)
+                                 for kind, words in (("color", COLOURS), ("shape", SHAPES)))
     return result
+
+
+def _label(stated: Counter | None, ruled_out: set[str], words: tuple[str, ...]) -> str | None:
+    """The one word stated to hold, else the one word not ruled out, else None."""
+    if stated:
+        return stated.most_common(1)[0][0]
+    remaining = [w for w in words if w not in ruled_out]
+    return remaining[0] if len(remaining) == 1 else None
 
 
 def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
     """One caption per image ("a blue rectangle") from :func:`image_labels`.
 
-    An image whose colour stays unknown is captioned "a circle", and one whose shape stays unknown
-    "a blue shape".
+    An image whose colour stays unknown is captioned "a circle", one whose shape stays unknown
+    "a blue shape", and one with neither none.
     """
     return {image_id: "a " + " ".join(w for w in (colour, shape or "shape") if w)
-            for image_id, (colour, shape) in image_labels(questions).items()}
+            for image_id, (colour, shape) in image_labels(questions).items() if colour or shape}
 
 
 def build_easyvqa(out: Path) -> dict:
