@@ -62,9 +62,7 @@ def _facts(question: str, answer: str) -> tuple[str, str, bool] | None:
         return kind, answer, True
     words = question.rstrip("?").split()
     # easy-vqa negates with "not" ("is there not a red shape?") and with "no" ("is no red shape
-    # present?"): either flips the answer. (Version 1 of this asset read only "not", so "is no red
-    # shape present?" → "yes" stated *red*: of its 3,991 stage-1 captions 89 named a wrong colour,
-    # 87 a wrong shape, and 223 a colour or shape that no question of the image states.)
+    # present?"): either flips the answer (asset version 1 missed "no"; see ASSETS).
     negated = "not" in words or "no" in words
     for word in words:
         if word in SHAPES or word in COLOURS:
