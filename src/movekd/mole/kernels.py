@@ -135,7 +135,8 @@ class _MoLELinear(Function):
         num = len(counts)
         a_w, a_b, b_w, b_b = (lora[i * num:(i + 1) * num] for i in range(4))
         lanes = draw_dropout_lanes(z.shape, z.device) if p > 0 else None
-        zd = z * keep_mask(lanes, p, z.dtype) if lanes is not None else z
+        # drop(z) written over the mask: one input-sized buffer instead of two
+        zd = keep_mask(lanes, p, z.dtype).mul_(z) if lanes is not None else z
         inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
         rank = a_w[0].shape[0]
         low = z.new_empty(z.shape[0], rank)
@@ -170,16 +171,14 @@ class _MoLELinear(Function):
         need_z, need_w, need_bias, need_gate = needs[0], needs[4], needs[5], needs[6]
         lora_needs = needs[7:]
         grad = grad.contiguous()
-        keep = keep_mask(lanes, p, z.dtype) if lanes is not None else None
         inv_keep = 1.0 / (1.0 - p)
         rank = low.shape[1]
-        need_zd = any(lora_needs[:num])
-        zd = (z * keep if keep is not None else z) if need_zd else None
+        need_a_w = any(lora_needs[:num])
         grad_weight = grad.t().mm(z) if need_w else None
         grad_gate = torch.empty_like(gate) if need_gate else None
         grad_z_lora = z.new_empty(z.shape) if need_z else None
         g_a_w, g_a_b, g_b_w, g_b_b = ([None] * num for _ in range(4))
-        seg_sums = []
+        seg_sums, g_lows = [], []
         start = 0
         for e, n in enumerate(counts):
             rows = slice(start, start + n)
@@ -205,16 +204,25 @@ class _MoLELinear(Function):
                 g_low = g_u * gt
             if lora_needs[num + e]:
                 g_a_b[e] = g_low.sum(0)
-            if lora_needs[e]:
-                g_a_w[e] = torch.mm(g_low.t(), zd[rows]).mul_(inv_keep)
+            g_lows.append(g_low)
             if need_z:
-                torch.mm(g_low * inv_keep if keep is not None else g_low, a_w[e], out=grad_z_lora[rows])
+                torch.mm(g_low * inv_keep if lanes is not None else g_low, a_w[e], out=grad_z_lora[rows])
             start += n
+        # One input-sized dropout buffer: the {0, 1} mask masks the LoRA input gradient, then becomes
+        # drop(z) in place for the A gradients (instead of a second buffer for drop(z)).
+        keep = keep_mask(lanes, p, z.dtype) if lanes is not None and (need_z or need_a_w) else None
         grad_z = None
         if need_z:
             if keep is not None:
                 grad_z_lora.mul_(keep)
             grad_z = grad_z_lora.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
+        if need_a_w:
+            zd = keep.mul_(z) if keep is not None else z
+            start = 0
+            for e, n in enumerate(counts):
+                if lora_needs[e]:
+                    g_a_w[e] = torch.mm(g_lows[e].t(), zd[start:start + n]).mul_(inv_keep)
+                start += n
         grad_bias = torch.stack(seg_sums).sum(0) if need_bias and ctx.has_bias else None
         return (grad_z, None, None, None, grad_weight, grad_bias, grad_gate, *g_a_w, *g_a_b, *g_b_w, *g_b_b)
 
