@@ -63,7 +63,7 @@ def uv_index_args(settings: dict[str, str]) -> list[str]:
             continue
         for item in (value.split() if several else [value]):
             args += [option, item]
-    if "extra-index-url" in settings or "find-links" in settings:
+    if "--extra-index-url" in args or "--find-links" in args:  # several sources: pip's best-version rule
         args += ["--index-strategy", "unsafe-best-match"]
     return args
 

@@ -204,7 +204,7 @@ class _MoLELinear(Function):
                 g_low = g_u * gt
             if lora_needs[num + e]:
                 g_a_b[e] = g_low.sum(0)
-            g_lows.append(g_low)
+            g_lows.append((rows, g_low))
             if need_z:
                 torch.mm(g_low * inv_keep if lanes is not None else g_low, a_w[e], out=grad_z_lora[rows])
             start += n
@@ -218,11 +218,9 @@ class _MoLELinear(Function):
             grad_z = grad_z_lora.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
         if need_a_w:
             zd = keep.mul_(z) if keep is not None else z
-            start = 0
-            for e, n in enumerate(counts):
+            for e, (rows, g_low) in enumerate(g_lows):
                 if lora_needs[e]:
-                    g_a_w[e] = torch.mm(g_lows[e].t(), zd[start:start + n]).mul_(inv_keep)
-                start += n
+                    g_a_w[e] = torch.mm(g_low.t(), zd[rows]).mul_(inv_keep)
         grad_bias = torch.stack(seg_sums).sum(0) if need_bias and ctx.has_bias else None
         return (grad_z, None, None, None, grad_weight, grad_bias, grad_gate, *g_a_w, *g_a_b, *g_b_w, *g_b_b)
 
