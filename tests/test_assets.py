@@ -103,6 +103,25 @@ def test_easyvqa_llava_json_round_trip():
     assert all((folder / s["image"]).is_file() for s in pretrain)
     caption = {s["image"]: s["conversations"][1]["value"] for s in pretrain}
     assert caption["images/train/0.png"] == "a blue rectangle"  # image 0: "what is the blue shape?" → "rectangle"
+    # The rationale file: the same samples, yes/no answers ending "...; [not] <word>: <answer>" after the
+    # image's caption, which agrees with the answer (the word is in the caption iff yes, negation flips).
+    rationale = json.loads((folder / "train_rationale.json").read_text())
+    assert len(rationale) == len(train)
+    for plain, reasoned in zip(train, rationale):
+        answer = plain["conversations"][1]["value"]
+        reply = reasoned["conversations"][1]["value"]
+        assert reasoned["image"] == plain["image"] and reasoned["conversations"][0] == plain["conversations"][0]
+        if plain["type"] != "yes/no":
+            assert reply == answer
+            continue
+        stated, _, rest = reply.partition("; ")
+        assert stated == caption.get(plain["image"], "a shape") and rest.endswith(f": {answer}"), (plain, reply)
+        asked = rest.split(":")[0].split()[-1]
+        vocabulary = set(SHAPES) if asked in SHAPES else set(COLOURS)
+        if set(stated.split()) & vocabulary:  # the caption names that kind: it decides the answer
+            present, negated = asked in stated.split(), rest.startswith("not ")
+            assert (answer == "yes") == (present != negated), (plain, reply)
+
     # Every caption agrees with every question of its image (a negation read wrong would not).
     for sample in train:
         words = sample["conversations"][0]["value"].rstrip("?").split()
@@ -114,6 +133,18 @@ def test_easyvqa_llava_json_round_trip():
             continue
         if set(words) & set(said) - {"shape"}:  # the question asks about what the caption says
             assert (answer == "yes") != ("not" in words or "no" in words), (sample, caption[sample["image"]])
+
+
+def test_easyvqa_rationale_answers_state_restate_then_answer():
+    from movekd.assets.easyvqa import rationale_answer
+
+    assert rationale_answer("is there not a red shape?", "yes", "a blue circle") == "a blue circle; not red: yes"
+    assert rationale_answer("is no red shape present?", "no", "a red circle") == "a red circle; not red: no"
+    assert rationale_answer("does the image contain a circle?", "yes", "a blue circle") == "a blue circle; circle: yes"
+    assert rationale_answer("is there a triangle?", "no", None) == "a shape; triangle: no"
+    assert rationale_answer("what color is the shape?", "blue", "a blue circle") == "blue"  # not yes/no: as is
+    with pytest.raises(ValueError, match="names no shape or colour"):
+        rationale_answer("is it there?", "yes", "a blue circle")
 
 
 def test_easyvqa_labels_read_both_negations():

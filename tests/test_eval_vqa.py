@@ -35,8 +35,24 @@ def test_normalize_answer():
     assert normalize_answer("  Circle!\nmore text") == "circle"
     assert normalize_answer("\n\nred, I think") == "red"
     assert normalize_answer("The answer is yes") == "the"  # strict: no containment matching
-    assert normalize_answer("Dark  Blue.", first_word=False) == "dark blue"
+    assert normalize_answer("Dark  Blue.", word="all") == "dark blue"
     assert normalize_answer("...") == "" and normalize_answer("") == ""
+    # "last": the answer that ends a rationale (the demo's yes/no answers); a plain answer is its own last word
+    assert normalize_answer("a blue circle; not red: Yes.", word="last") == "yes"
+    assert normalize_answer("Circle\nthen more", word="last") == "circle"
+    with pytest.raises(ValueError, match="'middle'"):
+        normalize_answer("yes", word="middle")
+
+
+def test_evaluate_vqa_scores_the_answer_after_a_rationale(tok, tmp_path):
+    write_image(tmp_path / "a.png")
+    samples = [qa(0, "is there not a red shape?", "yes", "yes/no", "a.png"),
+               qa(1, "what color is the shape?", "blue", "color", "a.png")]
+    oracle = OracleVLM(tok, {"red shape?": "a blue circle; not red: yes", "color is": "blue"})
+    first = evaluate_vqa(oracle, tok, samples, image_root=tmp_path, image_size=8, max_new_tokens=16)
+    last = evaluate_vqa(oracle, tok, samples, image_root=tmp_path, image_size=8, max_new_tokens=16, word="last")
+    assert first["per_type"]["yes/no"]["correct"] == 0 and last["per_type"]["yes/no"]["correct"] == 1
+    assert first["per_type"]["color"]["correct"] == last["per_type"]["color"]["correct"] == 1
 
 
 def test_answer_prior_baseline():

@@ -79,7 +79,8 @@ ASSETS: dict[str, Asset] = {
         ],
         # v2: captions and labels read "is no ... present?" as a negation. v1 did not: of its 3,991
         # stage-1 captions 89 named a wrong colour, 87 a wrong shape, 223 one no question states.
-        Asset("easyvqa", "easy-vqa in LLaVA format (4,000 + 1,000 images)", "easy-vqa", build_easyvqa, version=2),
+        # v3: adds train_rationale.json (yes/no answers with a rationale, the demo's stage 2).
+        Asset("easyvqa", "easy-vqa in LLaVA format (4,000 + 1,000 images)", "easy-vqa", build_easyvqa, version=3),
         Asset("easyvqa_canvas", "easy-vqa on canvases of five aspect ratios (AnyRes demo_next)", "easy-vqa",
               build_easyvqa_canvas, version=2),
     ]

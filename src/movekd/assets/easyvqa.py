@@ -6,7 +6,10 @@ Writes, inside the asset folder:
   ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``
   plus ``"type"`` (``yes/no``, ``shape`` or ``color``) for per-type accuracy;
 - ``pretrain.json``: one caption per train image ("a blue rectangle"), for stage 1 (LLaVA's
-  pretraining uses image–caption pairs; easy-vqa has none, so they are built from its answers).
+  pretraining uses image–caption pairs; easy-vqa has none, so they are built from its answers);
+- ``train_rationale.json``: ``train.json`` with every yes/no answer preceded by a short rationale,
+  "a blue rectangle; not red: yes" (:func:`rationale_answer`), for the demo's stage 2: the model says
+  what it sees and restates what the question asks about, then answers (README "The demo": why).
 """
 
 from __future__ import annotations
@@ -116,6 +119,36 @@ def captions(questions: list[tuple[str, str, int]]) -> dict[int, str]:
             for image_id, (colour, shape) in image_labels(questions).items() if colour or shape}
 
 
+def rationale_answer(question: str, answer: str, caption: str | None) -> str:
+    """A yes/no ``answer`` preceded by what the image shows and what ``question`` asks about.
+
+    ``rationale_answer("is there not a red shape?", "yes", "a blue circle")`` is
+    ``"a blue circle; not red: yes"``. The restated word after the caption is the point: SmolLM2 with
+    LoRA learns to compare a word with the same word *earlier* in its context within 80 steps, but not
+    a word with a caption that follows it (text-only runs in the README). Scored by the last word
+    (``eval.answer_word: last``). Other answers are returned unchanged; ``caption`` None (an image
+    whose questions state neither colour nor shape) reads "a shape".
+    """
+    if question_type(answer) != "yes/no":
+        return answer
+    words = question.rstrip("?").split()
+    asked = next((w for w in words if w in SHAPES or w in COLOURS), None)
+    if asked is None:
+        raise ValueError(f"easy-vqa yes/no question names no shape or colour: {question!r}")
+    negated = "not" in words or "no" in words  # as in _facts
+    return f"{caption or 'a shape'}; {'not ' if negated else ''}{asked}: {answer}"
+
+
+def _rationale_samples(samples: list[dict], questions: list[tuple[str, str, int]],
+                       image_captions: dict[int, str]) -> list[dict]:
+    out = []
+    for sample, (question, answer, image_id) in zip(samples, questions):
+        human, gpt = sample["conversations"]
+        reply = rationale_answer(question, answer, image_captions.get(image_id))
+        out.append({**sample, "conversations": [human, {**gpt, "value": reply}]})
+    return out
+
+
 def build_easyvqa(out: Path) -> dict:
     """Write the LLaVA-format easy-vqa dataset into ``out``."""
     root = package_dir("easy_vqa", DISTRIBUTION)
@@ -129,6 +162,9 @@ def build_easyvqa(out: Path) -> dict:
         counts[f"{split}_questions"] = len(samples)
         counts[f"{split}_images"] = len(list((out / "images" / split).glob("*.png")))
         if split == "train":
+            image_captions = captions(questions)
+            rationale = _rationale_samples(samples, questions, image_captions)
+            (out / "train_rationale.json").write_text(json.dumps(rationale))
             pretrain = [
                 {
                     "id": f"caption-{image_id}",
@@ -138,7 +174,7 @@ def build_easyvqa(out: Path) -> dict:
                         {"from": "gpt", "value": caption},
                     ],
                 }
-                for image_id, caption in captions(questions).items()
+                for image_id, caption in image_captions.items()
             ]
             (out / "pretrain.json").write_text(json.dumps(pretrain))
             counts["pretrain_captions"] = len(pretrain)

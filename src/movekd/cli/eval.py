@@ -10,8 +10,8 @@ from movekd.atomic import atomic_write_text
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a trained VLM on LLaVA-format VQA data (exact match, batched greedy)",
-        description="Exact-match accuracy (first word, case and punctuation folded) of a trained VLM on "
-        "LLaVA-format Q/A data, per question type when samples carry a 'type'.")
+        description="Exact-match accuracy (first word by default, case and punctuation folded) of a trained "
+        "VLM on LLaVA-format Q/A data, per question type when samples carry a 'type'.")
     parser.add_argument("checkpoint", help="inference bundle, run folder, or `movekd export` folder")
     parser.add_argument("--data", required=True, help="LLaVA JSON (or asset:easyvqa/test.json)")
     parser.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
@@ -25,6 +25,10 @@ def register(subparsers) -> None:
                         "(same answers up to float rounding; slower where images have several questions)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--answer-word", choices=("first", "last", "all"), default="first",
+                        help="which word of a generated answer is compared with the reference: first (default), "
+                        "last (a model trained to answer after a rationale, e.g. the demo's yes/no answers "
+                        "'a blue circle; not red: yes'; give --max-new-tokens 16), or all")
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
     parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad", "anyres"),
                         help="how images become squares, or anyres: LLaVA-NeXT tiles (default: as the bundle was "
@@ -53,7 +57,7 @@ def _run(args) -> int:
     config = EvalConfig(data=args.data, image_root=args.image_root, max_samples=args.max_samples, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prior_data=args.prior_data,
                         image_aspect_ratio=args.image_aspect_ratio, sample_by=args.sample_by,
-                        share_image_prefix=not args.no_share_prefix)
+                        share_image_prefix=not args.no_share_prefix, answer_word=args.answer_word)
     result = run_eval(loaded, config, return_predictions=bool(args.predictions))
     if args.predictions:
         records = result.pop("predictions")

@@ -1,10 +1,12 @@
 """Exact-match VQA evaluation (easy-vqa style short answers) and the answer-prior baseline.
 
 Scoring rule (:func:`normalize_answer`): lowercase; keep the first non-empty line; turn punctuation
-into spaces; collapse whitespace; then, with ``first_word=True`` (the default, made for easy-vqa's
-single-word answers: shapes, colours, yes/no), keep only the first word. The prediction is correct
-when its normalised form equals the normalised reference. So ``"Yes."`` and ``"yes, it is"`` match
-``"yes"``, but ``"The answer is yes"`` does not: this is strict exact match, not a containment test.
+into spaces; collapse whitespace; then, with ``word="first"`` (the default, made for easy-vqa's
+single-word answers: shapes, colours, yes/no), keep only the first word; ``word="last"`` keeps the
+last one (for answers trained to follow a rationale, "a blue circle; not red: yes"); ``word="all"``
+keeps them all. The prediction is correct when its normalised form equals the normalised reference.
+So ``"Yes."`` and ``"yes, it is"`` match ``"yes"``, but ``"The answer is yes"`` does not (with
+``"first"``): this is strict exact match, not a containment test.
 
 Samples are LLaVA-format dicts; the reference is the last gpt turn, the prompt is everything before
 it (see :meth:`ConversationEncoder.encode_prompt`). An optional ``"type"`` field
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,15 +30,19 @@ from movekd.eval.order import length_sorted_order
 from movekd.eval.shared_prefix import can_share_prefix, generate_batch, image_batches
 
 _PUNCT = re.compile(r"[^\w\s]")
+AnswerWord = Literal["first", "last", "all"]
+ANSWER_WORDS = ("first", "last", "all")
 
 
-def normalize_answer(text: str, *, first_word: bool = True) -> str:
+def normalize_answer(text: str, *, word: AnswerWord = "first") -> str:
     """Normalise an answer for exact match (see the module docstring)."""
+    if word not in ANSWER_WORDS:
+        raise ValueError(f"answer word {word!r}: expected one of {', '.join(ANSWER_WORDS)}")
     lines = [ln for ln in text.lower().splitlines() if ln.strip()]
     words = _PUNCT.sub(" ", lines[0]).split() if lines else []
     if not words:
         return ""
-    return words[0] if first_word else " ".join(words)
+    return {"first": words[0], "last": words[-1]}.get(word) or " ".join(words)
 
 
 def reference_answer(sample: dict) -> str:
@@ -65,7 +72,7 @@ def _summarise(correct: list[bool], types: list[str | None]) -> dict:
 def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_new_tokens: int = 8, *,
                  image_root=".", template: str = "chat", image_size: int = 224,
                  encoder: ConversationEncoder | None = None, system_prompt: str | None = None,
-                 bos: str = "auto", first_word: bool = True, num_workers: int = 0, return_predictions: bool = False,
+                 bos: str = "auto", word: AnswerWord = "first", num_workers: int = 0, return_predictions: bool = False,
                  image_aspect_ratio: str = "stretch", fill: tuple[int, int, int] = (0, 0, 0),
                  grid_pinpoints=None, share_image_prefix: bool = True, **generate_kwargs) -> dict:
     """Batched greedy generation on ``samples`` and exact-match accuracy.
@@ -80,6 +87,8 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
         image_size: the square resize used in training.
         image_aspect_ratio / fill: how images become squares (:mod:`movekd.data.images`), as in training.
         grid_pinpoints: the AnyRes grid when ``image_aspect_ratio="anyres"`` (``image_size``: the crop side).
+        word: which word of an answer is compared (:func:`normalize_answer`): ``"first"``, ``"last"``
+            (answers that end a rationale) or ``"all"``.
         share_image_prefix: batch each image's questions together and run their common prompt prefix
             (the image tokens) once (:mod:`movekd.eval.shared_prefix`; same greedy answers up to float
             rounding). Applies to a ``MoveKDVLM`` decoding greedily without ``generate_kwargs``.
@@ -130,8 +139,7 @@ def evaluate_vqa(vlm, tokenizer, samples: list[dict], batch_size: int = 16, max_
     for i, sample in enumerate(samples):
         answer = reference_answer(sample)
         pred = predictions.get(i)
-        ok = pred is not None and normalize_answer(pred, first_word=first_word) == normalize_answer(
-            answer, first_word=first_word)
+        ok = pred is not None and normalize_answer(pred, word=word) == normalize_answer(answer, word=word)
         correct.append(ok)
         types.append(sample.get("type"))
         if return_predictions:
@@ -150,7 +158,7 @@ def vlm_eos(vlm):
     return getattr(config, "eos_token_id", None)
 
 
-def answer_prior_baseline(train_samples: list[dict], test_samples: list[dict], *, first_word: bool = True) -> dict:
+def answer_prior_baseline(train_samples: list[dict], test_samples: list[dict], *, word: AnswerWord = "first") -> dict:
     """Accuracy of answering every test question with the most frequent training answer of its type.
 
     A sample's type is its ``"type"`` field. A sample without one gets the type that its (normalised)
@@ -159,7 +167,7 @@ def answer_prior_baseline(train_samples: list[dict], test_samples: list[dict], *
 
     Returns ``{"accuracy", "correct", "n", "per_type": {...}, "prior": {type: answer}}``.
     """
-    norm = lambda s: normalize_answer(reference_answer(s), first_word=first_word)  # noqa: E731
+    norm = lambda s: normalize_answer(reference_answer(s), word=word)  # noqa: E731
     answer_type: dict[str, str] = {}
     for s in list(train_samples) + list(test_samples):
         if s.get("type") is not None:
