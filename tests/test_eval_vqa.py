@@ -55,6 +55,31 @@ def test_evaluate_vqa_scores_the_answer_after_a_rationale(tok, tmp_path):
     assert first["per_type"]["color"]["correct"] == last["per_type"]["color"]["correct"] == 1
 
 
+def test_the_bundle_says_which_word_to_score(tok, tmp_path):
+    """A training config's eval.answer_word goes into the bundle's VLMConfig; run_eval uses it unless
+    its own config sets one."""
+    import json
+
+    from movekd.inference import LoadedVLM
+    from movekd.train.config import EvalConfig
+    from movekd.train.evaluate import run_eval
+    from movekd.vlm.config import ProjectorConfig, VLMConfig, settings_from_train_config
+
+    assert settings_from_train_config({"eval": {"answer_word": "last"}})["answer_word"] == "last"
+    assert settings_from_train_config({"stages": [{}]})["answer_word"] == "first"  # no eval section
+    write_image(tmp_path / "a.png")
+    samples = [qa(0, "is there not a red shape?", "yes", "yes/no", "a.png")]
+    (tmp_path / "test.json").write_text(json.dumps(samples))
+    oracle = OracleVLM(tok, {"red shape?": "a blue circle; not red: yes"})
+    config = VLMConfig(vision={}, projector=ProjectorConfig("mlp2x_gelu", 8, 8), image_size=8, answer_word="last")
+    assert VLMConfig.from_dict(config.to_dict()).answer_word == "last"
+    loaded = LoadedVLM(oracle, tok, config)
+    assert run_eval(loaded, EvalConfig(data=str(tmp_path / "test.json"), max_new_tokens=16,
+                                       share_image_prefix=False))["accuracy"] == 1.0
+    assert run_eval(loaded, EvalConfig(data=str(tmp_path / "test.json"), max_new_tokens=16, answer_word="first",
+                                       share_image_prefix=False))["accuracy"] == 0.0
+
+
 def test_answer_prior_baseline():
     train = [qa(0, "q", "yes", "yes/no"), qa(1, "q", "yes", "yes/no"), qa(2, "q", "no", "yes/no"),
              qa(3, "q", "circle", "shape"), qa(4, "q", "circle", "shape"), qa(5, "q", "red", "color")]

@@ -64,6 +64,11 @@ class LoadedVLM:
         return self.config.image_grid_pinpoints
 
     @property
+    def answer_word(self) -> str:
+        """Which word of an answer evaluation compares (``first``, or ``last`` after a rationale)."""
+        return self.config.answer_word
+
+    @property
     def precision(self) -> str:
         return self.precision_override or self.config.precision
 

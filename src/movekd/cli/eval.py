@@ -10,8 +10,9 @@ from movekd.atomic import atomic_write_text
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a trained VLM on LLaVA-format VQA data (exact match, batched greedy)",
-        description="Exact-match accuracy (first word by default, case and punctuation folded) of a trained "
-        "VLM on LLaVA-format Q/A data, per question type when samples carry a 'type'.")
+        description="Exact-match accuracy (first word unless the bundle or --answer-word says otherwise, case "
+        "and punctuation folded) of a trained VLM on LLaVA-format Q/A data, per question type when samples "
+        "carry a 'type'.")
     parser.add_argument("checkpoint", help="inference bundle, run folder, or `movekd export` folder")
     parser.add_argument("--data", required=True, help="LLaVA JSON (or asset:easyvqa/test.json)")
     parser.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
@@ -25,10 +26,10 @@ def register(subparsers) -> None:
                         "(same answers up to float rounding; slower where images have several questions)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--answer-word", choices=("first", "last", "all"), default="first",
-                        help="which word of a generated answer is compared with the reference: first (default), "
-                        "last (a model trained to answer after a rationale, e.g. the demo's yes/no answers "
-                        "'a blue circle; not red: yes'; give --max-new-tokens 16), or all")
+    parser.add_argument("--answer-word", choices=("first", "last", "all"),
+                        help="which word of a generated answer is compared with the reference: first, last (answers "
+                        "after a rationale, as the demo's yes/no answers 'a blue circle; not red: yes') or all "
+                        "(default: the bundle's, i.e. its training config's eval.answer_word, else first)")
     parser.add_argument("--prior-data", help="training JSON for the answer-prior baseline")
     parser.add_argument("--image-aspect-ratio", choices=("stretch", "square", "pad", "anyres"),
                         help="how images become squares, or anyres: LLaVA-NeXT tiles (default: as the bundle was "

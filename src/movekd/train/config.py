@@ -236,8 +236,9 @@ class EvalConfig:
     max_new_tokens: int = 4
     # Which word of a generated answer is compared with the reference (movekd.eval.vqa): "first"
     # (single-word answers), "last" (answers trained to end a rationale, as the demo's yes/no answers
-    # "a blue circle; not red: yes"), "all".
-    answer_word: Literal["first", "last", "all"] = "first"
+    # "a blue circle; not red: yes"), "all". The bundle records a training config's value; None here
+    # means the bundle's ("first" for bundles that record none).
+    answer_word: Optional[Literal["first", "last", "all"]] = None
     # Run each image's common prompt prefix (the image tokens) once for all its questions in a batch
     # (movekd.eval.shared_prefix): same greedy answers up to float rounding.
     share_image_prefix: bool = True

@@ -59,7 +59,7 @@ def run_eval(loaded, config: EvalConfig, return_predictions: bool = False) -> di
                               system_prompt=loaded.system_prompt if config.system_prompt is None else config.system_prompt,
                               bos=config.bos or loaded.bos,
                               image_size=loaded.config.replace(image_aspect_ratio=mode).decode_size,
-                              return_predictions=return_predictions, word=config.answer_word,
+                              return_predictions=return_predictions, word=config.answer_word or loaded.answer_word,
                               image_aspect_ratio=mode, fill=loaded.fill,
                               grid_pinpoints=loaded.grid_pinpoints, share_image_prefix=config.share_image_prefix)
     if config.prior_data:

@@ -49,6 +49,9 @@ class VLMConfig:
     system_prompt: Optional[str] = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     attn_implementation: str = "sdpa"
+    # The answer format it was trained to: which word of an answer evaluation compares
+    # (movekd.eval.vqa): "last" for answers after a rationale (the demo's "a blue circle; not red: yes").
+    answer_word: Literal["first", "last", "all"] = "first"
     image_token_index: int = IMAGE_TOKEN_INDEX
 
     def __post_init__(self):
@@ -97,6 +100,7 @@ def settings_from_train_config(train: dict | None) -> dict:
         or stage.get("image_aspect_ratio") or "stretch",
         "precision": train.get("precision", "fp32"),
         "attn_implementation": train.get("model", {}).get("llm_attn_implementation", "sdpa"),
+        "answer_word": (train.get("eval") or {}).get("answer_word") or "first",
     }
     if train.get("image_size"):
         settings["image_size"] = int(train["image_size"])
