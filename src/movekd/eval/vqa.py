@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,7 +31,7 @@ from movekd.eval.shared_prefix import can_share_prefix, generate_batch, image_ba
 
 _PUNCT = re.compile(r"[^\w\s]")
 AnswerWord = Literal["first", "last", "all"]
-ANSWER_WORDS = ("first", "last", "all")
+ANSWER_WORDS = get_args(AnswerWord)
 
 
 def normalize_answer(text: str, *, word: AnswerWord = "first") -> str:
@@ -42,7 +42,9 @@ def normalize_answer(text: str, *, word: AnswerWord = "first") -> str:
     words = _PUNCT.sub(" ", lines[0]).split() if lines else []
     if not words:
         return ""
-    return {"first": words[0], "last": words[-1]}.get(word) or " ".join(words)
+    if word == "first":
+        return words[0]
+    return words[-1] if word == "last" else " ".join(words)
 
 
 def reference_answer(sample: dict) -> str:
