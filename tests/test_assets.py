@@ -147,6 +147,22 @@ def test_easyvqa_rationale_answers_state_restate_then_answer():
         rationale_answer("is it there?", "yes", "a blue circle")
 
 
+@pytest.mark.assets
+def test_demo_generates_enough_tokens_for_the_longest_rationale():
+    """The demo's eval stops generating at eval.max_new_tokens: a rationale cut before its last word
+    would score as wrong (with 8 tokens, yes/no read 0.854 instead of 0.971: "teal" is two tokens)."""
+    from transformers import AutoTokenizer
+
+    from movekd.train.config import load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure("smollm2"))
+    rationale = json.loads((ensure("easyvqa") / "train_rationale.json").read_text())
+    longest = max(len(tokenizer(a)["input_ids"]) for a in {s["conversations"][1]["value"] for s in rationale})
+    config = load_config("demo")
+    assert config.stages[-1].data == "asset:easyvqa/train_rationale.json" and config.eval.answer_word == "last"
+    assert longest == 10 and config.eval.max_new_tokens >= longest + 1  # + <|im_end|>
+
+
 def test_easyvqa_labels_read_both_negations():
     from movekd.assets.easyvqa import _facts, image_labels
 

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
                         help="run every question's prompt on its own instead of each image's common prefix once "
                         "(same answers up to float rounding; slower where images have several questions)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="tokens generated per answer at most (default 16; generation stops once every "
+                        "answer of a batch has ended, so short answers cost no more)")
     parser.add_argument("--answer-word", choices=("first", "last", "all"),
                         help="which word of a generated answer is compared with the reference: first, last (answers "
                         "after a rationale, as the demo's yes/no answers 'a blue circle; not red: yes') or all "
