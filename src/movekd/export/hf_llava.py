@@ -294,7 +294,8 @@ def _accuracy_cost(loaded, merged_vlm, eval_data, eval_samples) -> dict:
     from movekd.train.config import EvalConfig
     from movekd.train.evaluate import run_eval
 
-    eval_config = EvalConfig(data=str(eval_data), max_samples=eval_samples)
+    # 16 tokens: room for answers after a rationale (the demo's are up to 10 tokens; generation stops at EOS)
+    eval_config = EvalConfig(data=str(eval_data), max_samples=eval_samples, max_new_tokens=16)
     routed = run_eval(loaded, eval_config)
     merged = run_eval(LoadedVLM(merged_vlm, loaded.tokenizer, merged_vlm.config, loaded.precision_override),
                       eval_config)
