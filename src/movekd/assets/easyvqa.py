@@ -63,15 +63,20 @@ def _facts(question: str, answer: str) -> tuple[str, str, bool] | None:
     kind = question_type(answer)
     if kind != "yes/no":
         return kind, answer, True
+    asked = _asked(question)
+    if asked is None:
+        return None
+    word, negated = asked
+    return ("shape" if word in SHAPES else "color"), word, (answer == "yes") != negated
+
+
+def _asked(question: str) -> tuple[str, bool] | None:
+    """The shape or colour a yes/no question asks about, and whether it is negated; None if it names none."""
     words = question.rstrip("?").split()
     # easy-vqa negates with "not" ("is there not a red shape?") and with "no" ("is no red shape
     # present?"): either flips the answer (asset version 1 missed "no"; see ASSETS).
     negated = "not" in words or "no" in words
-    for word in words:
-        if word in SHAPES or word in COLOURS:
-            holds = (answer == "yes") != negated
-            return ("shape" if word in SHAPES else "color"), word, holds
-    return None
+    return next(((w, negated) for w in words if w in SHAPES or w in COLOURS), None)
 
 
 def image_labels(questions: list[tuple[str, str, int]]) -> dict[int, tuple[str | None, str | None]]:
@@ -131,12 +136,11 @@ def rationale_answer(question: str, answer: str, caption: str | None) -> str:
     """
     if question_type(answer) != "yes/no":
         return answer
-    words = question.rstrip("?").split()
-    asked = next((w for w in words if w in SHAPES or w in COLOURS), None)
+    asked = _asked(question)
     if asked is None:
         raise ValueError(f"easy-vqa yes/no question names no shape or colour: {question!r}")
-    negated = "not" in words or "no" in words  # as in _facts
-    return f"{caption or 'a shape'}; {'not ' if negated else ''}{asked}: {answer}"
+    word, negated = asked
+    return f"{caption or 'a shape'}; {'not ' if negated else ''}{word}: {answer}"
 
 
 def _rationale_samples(samples: list[dict], questions: list[tuple[str, str, int]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from movekd.atomic import atomic_write_text
+from movekd.config.answer import ANSWER_WORDS
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="tokens generated per answer at most (default 16; generation stops once every "
                         "answer of a batch has ended, so short answers cost no more)")
-    parser.add_argument("--answer-word", choices=("first", "last", "all"),
+    parser.add_argument("--answer-word", choices=ANSWER_WORDS,
                         help="which word of a generated answer is compared with the reference: first, last (answers "
                         "after a rationale, as the demo's yes/no answers 'a blue circle; not red: yes') or all "
                         "(default: the bundle's, i.e. its training config's eval.answer_word, else first)")

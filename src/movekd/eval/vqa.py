@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from typing import Literal, get_args
 
 import torch
 from torch.utils.data import DataLoader
 
+from movekd.config.answer import ANSWER_WORDS, AnswerWord
 from movekd.data.collate import Collator, pad_token_id_of
 from movekd.data.llava_json import LlavaDataset, validate_samples
 from movekd.data.templates import ROLE_MAP, ConversationEncoder
@@ -30,8 +30,6 @@ from movekd.eval.order import length_sorted_order
 from movekd.eval.shared_prefix import can_share_prefix, generate_batch, image_batches
 
 _PUNCT = re.compile(r"[^\w\s]")
-AnswerWord = Literal["first", "last", "all"]
-ANSWER_WORDS = get_args(AnswerWord)
 
 
 def normalize_answer(text: str, *, word: AnswerWord = "first") -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from movekd.config.answer import AnswerWord
 from movekd.config.loader import apply_overrides, from_dict, load_yaml, to_dict
 from movekd.teachers.base import TeacherSpec
 
@@ -238,7 +239,7 @@ class EvalConfig:
     # (single-word answers), "last" (answers trained to end a rationale, as the demo's yes/no answers
     # "a blue circle; not red: yes"), "all". The bundle records a training config's value; None here
     # means the bundle's ("first" for bundles that record none).
-    answer_word: Optional[Literal["first", "last", "all"]] = None
+    answer_word: Optional[AnswerWord] = None
     # Run each image's common prompt prefix (the image tokens) once for all its questions in a batch
     # (movekd.eval.shared_prefix): same greedy answers up to float rounding.
     share_image_prefix: bool = True

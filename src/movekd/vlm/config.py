@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Optional
 
+from movekd.config.answer import AnswerWord
 from movekd.config.loader import from_dict
 from movekd.data.templates import IMAGE_TOKEN_INDEX
 
@@ -51,7 +52,7 @@ class VLMConfig:
     attn_implementation: str = "sdpa"
     # The answer format it was trained to: which word of an answer evaluation compares
     # (movekd.eval.vqa): "last" for answers after a rationale (the demo's "a blue circle; not red: yes").
-    answer_word: Literal["first", "last", "all"] = "first"
+    answer_word: AnswerWord = "first"
     image_token_index: int = IMAGE_TOKEN_INDEX
 
     def __post_init__(self):
