@@ -286,6 +286,99 @@ def test_fused_linear_kernel_matches_reference_with_the_same_mask(monkeypatch, g
         torch.testing.assert_close(got, want)
 
 
+def test_bucket_rows_ladder():
+    sizes = set()
+    for n in range(1, 5001):
+        size = kernels.bucket_rows(n)
+        sizes.add(size)
+        assert n <= size and (size % 8 == 0 and size - n < 8 if n <= 64 else size - n <= n / 8), n
+    assert len(sizes) <= 60  # a few dozen GEMM shapes for any segment length up to 5,000 rows
+
+
+def _mole_linear_run(counts, gated, p, dtype=torch.float64):
+    """Output and every gradient of one ``mole_linear`` call on fixed random tensors (dropout seeded)."""
+    torch.manual_seed(1)
+    rows, d_in, d_out, rank = sum(counts), 24, 40, 4
+    z = torch.randn(rows, d_in, dtype=dtype, requires_grad=True)
+    weight = torch.randn(d_out, d_in, dtype=dtype, requires_grad=True)
+    bias = torch.randn(d_out, dtype=dtype, requires_grad=True)
+    gate = torch.rand(rows, 1, dtype=dtype, requires_grad=True) if gated else None
+
+    def per_expert(*shape):
+        return [torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in counts]
+
+    a_w, a_b, b_w, b_b = per_expert(rank, d_in), per_expert(rank), per_expert(d_out, rank), per_expert(d_out)
+    out = kernels.mole_linear(z, counts, p, 0.5, weight, bias, gate, a_w, a_b, b_w, b_b)
+    out.mul_(2)  # the output is a tensor of its own: in-place use after the kernel is allowed
+    out.backward(torch.randn_like(out))
+    leaves = [z, weight, bias, *a_w, *a_b, *b_w, *b_b] + ([gate] if gated else [])
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["sparse", "gated"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_bucketed_segment_windows_match_exact_rows(monkeypatch, gated, p):
+    # On CPU in bf16 / fp16 each segment's small GEMMs run on windows of bucketed row counts; forced on
+    # in float64 they must give what the exact segment rows give, for segments shorter and longer than
+    # their bucket, at the start, in the middle and at the end (spare rows) of the tensor.
+    for counts in ([5, 70, 3], [1, 1, 1], [66], [9, 130, 17, 2]):
+        monkeypatch.setattr(kernels, "stable_segment_shapes", lambda t: False)
+        exact = _mole_linear_run(counts, gated, p)
+        monkeypatch.setattr(kernels, "stable_segment_shapes", lambda t: True)
+        for got, want in zip(_mole_linear_run(counts, gated, p), exact):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_segment_gemms_keep_their_shapes_across_routings():
+    # oneDNN builds a kernel per new GEMM shape in bf16 on CPU: two routings whose segments fall into the
+    # same buckets must run exactly the same GEMM shapes (exact rows would give different ones).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gemms = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_}
+
+    class GemmShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in gemms:
+                self.shapes.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and a.dim() == 2))
+            return func(*args, **(kwargs or {}))
+
+    def shapes(counts):
+        with GemmShapes() as mode:
+            _mole_linear_run(counts, gated=True, p=0.1, dtype=torch.bfloat16)
+        return mode.shapes
+
+    assert kernels.stable_segment_shapes(torch.empty(1, dtype=torch.bfloat16))
+    assert not kernels.stable_segment_shapes(torch.empty(1))
+    assert shapes([100, 60, 40]) == shapes([97, 63, 40])  # buckets 104, 64, 40 both times
+    assert shapes([100, 60, 40]) != shapes([100, 80, 20])
+
+
+def test_dropout_lanes_do_not_depend_on_the_thread_count():
+    # large draws are split over two generators (one on a helper thread): the same lanes with 1 thread
+    shape = torch.Size([600, 2048])  # 1.2M lanes: above the split size
+    previous = torch.get_num_threads()
+    drawn = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            drawn.append(kernels.draw_dropout_lanes(shape, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[1], drawn[2])
+    flat = drawn[0].flatten()
+    half = flat.numel() // 2
+    assert not torch.equal(flat[:half], flat[half:2 * half])  # two different streams
+    dropped = kernels.keep_mask(drawn[0], 0.05, torch.bool).logical_not_().float().mean().item()
+    assert abs(dropped - 0.05) < 0.002
+    torch.manual_seed(4)
+    assert not torch.equal(kernels.draw_dropout_lanes(shape, torch.device("cpu")), drawn[0])
+
+
 def test_dropout_rate_and_train_mode_noise():
     mask = kernels.bernoulli_mask(torch.Size([200, 1000]), 0.05, torch.device("cpu"))
     assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.05) < 0.003

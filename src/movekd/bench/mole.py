@@ -145,13 +145,20 @@ def _run_cases(
     modules: dict[str, nn.Module], batch: int, tokens: int, dim: int, precision: str, modes: Sequence[str],
     repeats: int, warmup: int,
 ) -> list[dict]:
+    # A fresh input per run (the same one for every variant within a repeat): the routing, hence the
+    # expert segment sizes, then change from run to run as they do from batch to batch in training.
+    # With one fixed input every run reused the first run's segment shapes, which hid a per-shape cost
+    # (oneDNN builds a GEMM kernel for every new shape in bf16 on CPU).
     generator = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, tokens, dim, generator=generator)
     grad = torch.randn(batch, tokens, dim, generator=generator)
+    current = {}
+
+    def new_input() -> None:  # drawn outside the timed region
+        current["x"] = torch.randn(batch, tokens, dim, generator=generator)
 
     def autocast():
         if precision == "bf16":
-            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+            return torch.autocast(grad.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def kernel(variant: str, module: nn.Module) -> None:
@@ -167,7 +174,7 @@ def _run_cases(
                 module.fold_inference = True
             try:
                 with torch.inference_mode(), autocast():
-                    module(x)
+                    module(current["x"])
             finally:
                 if fold:
                     module.fold_inference = False
@@ -180,7 +187,7 @@ def _run_cases(
             for name, p in module.named_parameters():
                 p.requires_grad_(not (frozen_base and name.split(".")[-2] in ("fc1", "fc2")))
                 p.grad = None
-            xi = x.detach().requires_grad_(True)
+            xi = current["x"].detach().requires_grad_(True)
             with autocast():
                 y = module(xi)
             loss = (y.float() * grad).sum()
@@ -197,12 +204,14 @@ def _run_cases(
             for name, m in modules.items() if mode == "inference" or name != "folded"
         }
         names = list(runs)
-        for _ in range(warmup):
+        for w in range(warmup):
+            new_input()
             for name in names:
                 runs[name]()
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         for r in range(repeats):
+            new_input()
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotated order
                 w, c = _timed(runs[name])
                 wall[name].append(w)

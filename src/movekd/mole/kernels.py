@@ -14,11 +14,15 @@ Tokens are sorted by expert once, so each expert owns one contiguous row segment
 
 The segment kernels take ``counts`` (tokens per expert, host ints): empty segments are skipped and
 their parameters get no gradient; the masked kernel is given only the experts some row is routed to.
+On CPU in bf16 / fp16, ``mole_linear`` runs each segment's small GEMMs on windows of bucketed row
+counts (``bucket_rows``; see "Stable GEMM shapes" below).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -103,14 +107,49 @@ def segmented_linear(inp: Tensor, counts: list[int], weights: Sequence[Tensor], 
 #   compute dtype: bool-mask ``where`` / ``masked_fill`` measured 3-5x slower than a multiply on CPU.
 
 
+# CPU's generator (mt19937) is serial: the lanes of fc2's input at CLIP-L batch 8 (19M) took 13-17 ms,
+# 5 % of a bf16 training step of the plain FFN. Large draws are split into two halves, each filled from
+# its own generator seeded from the default one, the second half on a helper thread while this thread
+# fills the first (torch releases the GIL inside the op): 7-10 ms against 13-16 ms, measured with 2
+# threads. The split does not depend on the thread count, so the lanes are the same with 1 thread
+# (both halves filled here), and torch.manual_seed still fixes them.
+_SPLIT_WORDS = 1 << 18  # below this (1M lanes) one generator, no thread hand-off
+_LANE_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): rebuilt in a forked child
+
+
+def _lane_pool() -> ThreadPoolExecutor:
+    global _LANE_POOL
+    if _LANE_POOL is None or _LANE_POOL[0] != os.getpid():
+        _LANE_POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="movekd-dropout-rng"))
+    return _LANE_POOL[1]
+
+
+def _fill_random_words(words: Tensor) -> None:
+    """Fill an int64 CPU tensor with uniform 64-bit words from the default generator's stream."""
+    if words.numel() < _SPLIT_WORDS:
+        words.random_(-(2**63), None)
+        return
+    seeds = torch.empty(2, dtype=torch.int64).random_()  # from the default generator: seeded runs repeat
+    first, second = words.chunk(2)
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    if torch.get_num_threads() > 1:
+        pending = _lane_pool().submit(second.random_, -(2**63), None, generator=generators[1])
+        first.random_(-(2**63), None, generator=generators[0])
+        pending.result()
+    else:
+        first.random_(-(2**63), None, generator=generators[0])
+        second.random_(-(2**63), None, generator=generators[1])
+
+
 def draw_dropout_lanes(shape: torch.Size, device: torch.device) -> Tensor:
     """Uniform random lanes deciding a dropout mask of ``shape``: on CPU int16 lanes carved out of
-    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element), elsewhere floats in
-    [0, 1)."""
+    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element; large draws on two
+    threads, see ``_fill_random_words``), elsewhere floats in [0, 1)."""
     if torch.device(device).type != "cpu":
         return torch.rand(shape, device=device)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    _fill_random_words(words)
     return words.view(torch.int16)[:numel].view(shape)
 
 
@@ -128,6 +167,74 @@ def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     return keep_mask(draw_dropout_lanes(shape, device), p, torch.bool).logical_not_()
 
 
+# Stable GEMM shapes for the expert segments (CPU, bf16 / fp16).
+#
+# oneDNN runs PyTorch's bf16 / fp16 GEMMs on CPU and builds (JIT-compiles) a kernel for every new
+# problem shape: about 1-2 ms per new segment length against 0.05-0.1 ms for the rank-32 GEMM itself,
+# measured with 2 threads. Segment lengths change with the routing at every batch, so in the demo's
+# bf16 training about 100 kernels a step were built for the LoRA GEMMs alone (oneDNN's verbose log:
+# 3,900 of 6,300 matmul kernels built in 40 steps of `movekd bench train`). So on CPU in those
+# dtypes each segment's small GEMMs run on a *window* of ``bucket_rows(n)`` rows: a fixed ladder of
+# sizes (multiples of 8 up to 64 rows, then 8 sizes per octave, at most 1/8 extra rows), so a training
+# run sees a few dozen shapes per GEMM instead of one per batch. The window's extra rows are neutralised:
+# - where the row count is the output's (M): a read window of the input ``[w, w + size)`` inside the
+#   tensor, and only the segment's rows of the r-wide result are kept; for the two wide outputs (the
+#   LoRA B GEMM into ``out`` and the LoRA input gradient) the window starts at the segment and runs on,
+#   segments are written in order so a later one overwrites what the previous window wrote past its
+#   rows, and the buffer has spare rows after its end for the last window (``_rows_with_spare``);
+# - where the row count is the reduction (K: the weight gradients): the r-wide operand is zero outside
+#   the segment's rows, so the other rows of the window add nothing (exact).
+# Elsewhere (fp32 on CPU runs MKL, which builds nothing per shape; CUDA) every GEMM uses the exact rows.
+
+
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up on the ladder of GEMM row counts: multiples of 8 up to 64, then 8 sizes per
+    octave (multiples of 2^(k-3) in (2^(k-1), 2^k]), so at most n/8 extra rows."""
+    if n <= 64:
+        return -(-n // 8) * 8
+    step = 1 << ((n - 1).bit_length() - 4)
+    return -(-n // step) * step
+
+
+def stable_segment_shapes(t: Tensor) -> bool:
+    """Whether segment GEMMs on ``t`` should run on bucketed windows: CPU in bf16 / fp16 (oneDNN)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _segment_windows(counts: Sequence[int], rows: int, bucketed: bool) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Per segment ``(start, n, size, read)``: its rows ``[start, start + n)``, the GEMM row count
+    ``size`` and the start ``read`` of a window of ``size`` rows inside ``[0, rows)`` holding the
+    segment; and the spare rows a buffer needs for windows ``[start, start + size)``."""
+    windows, start, spare = [], 0, 0
+    for n in counts:
+        size = min(bucket_rows(n), rows) if bucketed else n
+        windows.append((start, n, size, min(start, rows - size)))
+        spare = max(spare, start + size - rows)
+        start += n
+    return windows, spare
+
+
+def _rows_with_spare(like: Tensor, rows: int, cols: int, spare: int) -> tuple[Tensor, Tensor]:
+    """``(head, full)``: an uninitialised ``[rows, cols]`` tensor and a ``[rows + spare, cols]`` one on
+    the same storage. ``head`` is a tensor of its own, not a view, so a custom Function may return it
+    and callers may modify it in place (autograd forbids that on a view made inside a Function)."""
+    full = like.new_empty(rows + spare, cols)
+    if not spare:
+        return full, full
+    head = like.new_empty(0).set_(full.untyped_storage(), full.storage_offset(), (rows, cols), (cols, 1))
+    return head, full
+
+
+def _padded(src: Tensor, size: int, offset: int) -> Tensor:
+    """``src`` ``[n, c]`` placed at rows ``[offset, offset + n)`` of a ``[size, c]`` zero tensor (itself
+    when it already has ``size`` rows)."""
+    if src.shape[0] == size:
+        return src
+    out = src.new_zeros(size, src.shape[1])
+    out[offset:offset + src.shape[0]] = src
+    return out
+
+
 class _MoLELinear(Function):
     @staticmethod
     def forward(ctx, z: Tensor, counts: list[int], p: float, scaling: float, weight: Tensor,
@@ -138,26 +245,32 @@ class _MoLELinear(Function):
         # drop(z) written over the mask: one input-sized buffer instead of two
         zd = keep_mask(lanes, p, z.dtype).mul_(z) if lanes is not None else z
         inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
-        rank = a_w[0].shape[0]
-        low = z.new_empty(z.shape[0], rank)
-        out = z.new_empty(z.shape[0], weight.shape[0])
-        start = 0
-        for e, n in enumerate(counts):
+        rank, total = a_w[0].shape[0], z.shape[0]
+        bucketed = stable_segment_shapes(z)
+        windows, spare = _segment_windows(counts, total, bucketed)
+        low = z.new_empty(total, rank)
+        out, out_rows = _rows_with_spare(z, total, weight.shape[0], spare)
+        for e, (start, n, size, read) in enumerate(windows):
             rows = slice(start, start + n)
-            torch.addmm(a_b[e], zd[rows], a_w[e].t(), alpha=inv_keep, out=low[rows])
+            if size == n:
+                torch.addmm(a_b[e], zd[rows], a_w[e].t(), alpha=inv_keep, out=low[rows])
+            else:  # a window of the input; the segment's rows of the r-wide result kept
+                window = torch.addmm(a_b[e], zd[read:read + size], a_w[e].t(), alpha=inv_keep)
+                low[rows] = window[start - read:start - read + n]
             if gate is None:
                 # s * (B low + b_e) + bias: both biases go into the one wide write
                 b_e = b_b[e] * scaling if bias is None else torch.add(bias, b_b[e], alpha=scaling)
-                torch.addmm(b_e, low[rows], b_w[e].t(), alpha=scaling, out=out[rows])
+                torch.addmm(b_e, _padded(low[rows], size, 0), b_w[e].t(), alpha=scaling,
+                            out=out_rows[start:start + size])
             else:
                 # g * s * (B low + b_e) = s * [g*low, g] @ [B, b_e]^T: the gate scales the r-wide side
                 ucat = torch.cat([low[rows] * gate[rows], gate[rows]], 1)
                 bcat = torch.cat([b_w[e], b_b[e][:, None]], 1)
                 base = bias if bias is not None else out.new_zeros(())
-                torch.addmm(base, ucat, bcat.t(), alpha=scaling, out=out[rows])
-            start += n
+                torch.addmm(base, _padded(ucat, size, 0), bcat.t(), alpha=scaling, out=out_rows[start:start + size])
         out.addmm_(z, weight.t())
         ctx.counts, ctx.p, ctx.scaling, ctx.has_bias = counts, p, scaling, bias is not None
+        ctx.bucketed = bucketed
         ctx.save_for_backward(z, lanes, low, gate, weight, *a_w, *b_w, *b_b)
         return out
 
@@ -176,38 +289,40 @@ class _MoLELinear(Function):
         need_a_w = any(lora_needs[:num])
         grad_weight = grad.t().mm(z) if need_w else None
         grad_gate = torch.empty_like(gate) if need_gate else None
-        grad_z_lora = z.new_empty(z.shape) if need_z else None
+        windows, spare = _segment_windows(counts, z.shape[0], ctx.bucketed)
+        grad_z_lora, grad_z_rows = _rows_with_spare(z, z.shape[0], z.shape[1], spare) if need_z else (None, None)
         g_a_w, g_a_b, g_b_w, g_b_b = ([None] * num for _ in range(4))
         seg_sums, g_lows = [], []
-        start = 0
-        for e, n in enumerate(counts):
+        for e, (start, n, size, read) in enumerate(windows):
             rows = slice(start, start + n)
-            g = grad[rows]
+            g = grad[read:read + size]  # the segment's rows at [at, at + n) of this window
+            at = start - read
             gt = gate[rows] if gate is not None else None
             # g^T [u, (gate,) 1] in one GEMM: the B gradient, the expert-bias gradient and the segment's
-            # column sums (for the base bias) without another pass over the wide gradient.
+            # column sums (for the base bias) without another pass over the wide gradient. Zero rows
+            # outside the segment keep a window exact.
             u = low[rows] if gt is None else low[rows] * gt
             cols = [u] + ([gt] if gt is not None else []) + [u.new_ones(n, 1)]
-            g_cols = torch.mm(g.t(), torch.cat(cols, 1))  # [out, r (+1) + 1]
+            g_cols = torch.mm(g.t(), _padded(torch.cat(cols, 1), size, at))  # [out, r (+1) + 1]
             seg_sums.append(g_cols[:, -1])
             if lora_needs[2 * num + e]:
                 g_b_w[e] = g_cols[:, :rank] * s
             if lora_needs[3 * num + e]:
                 g_b_b[e] = g_cols[:, rank if gt is not None else -1] * s
             if gt is None:
-                g_low = torch.mm(g, b_w[e]).mul_(s)  # [n, r]
+                g_low = torch.mm(g, b_w[e])[at:at + n].mul_(s)  # [n, r]
             else:
-                g_ucat = torch.mm(g, torch.cat([b_w[e], b_b[e][:, None]], 1)).mul_(s)  # [n, r + 1]
+                g_ucat = torch.mm(g, torch.cat([b_w[e], b_b[e][:, None]], 1))[at:at + n].mul_(s)  # [n, r + 1]
                 g_u = g_ucat[:, :-1]
                 if need_gate:
                     grad_gate[rows] = g_ucat[:, -1:] + (g_u * low[rows]).sum(1, keepdim=True)
                 g_low = g_u * gt
             if lora_needs[num + e]:
                 g_a_b[e] = g_low.sum(0)
-            g_lows.append((rows, g_low))
-            if need_z:
-                torch.mm(g_low * inv_keep if lanes is not None else g_low, a_w[e], out=grad_z_lora[rows])
-            start += n
+            g_lows.append((rows, g_low, size, read))
+            if need_z:  # written from the segment's first row on (the next segment overwrites the rest)
+                g_in = g_low * inv_keep if lanes is not None else g_low
+                torch.mm(_padded(g_in, size, 0), a_w[e], out=grad_z_rows[start:start + size])
         # One input-sized dropout buffer: the {0, 1} mask masks the LoRA input gradient, then becomes
         # drop(z) in place for the A gradients (instead of a second buffer for drop(z)).
         keep = keep_mask(lanes, p, z.dtype) if lanes is not None and (need_z or need_a_w) else None
@@ -218,9 +333,9 @@ class _MoLELinear(Function):
             grad_z = grad_z_lora.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
         if need_a_w:
             zd = keep.mul_(z) if keep is not None else z
-            for e, (rows, g_low) in enumerate(g_lows):
+            for e, (rows, g_low, size, read) in enumerate(g_lows):
                 if lora_needs[e]:
-                    g_a_w[e] = torch.mm(g_low.t(), zd[rows]).mul_(inv_keep)
+                    g_a_w[e] = torch.mm(_padded(g_low, size, rows.start - read).t(), zd[read:read + size]).mul_(inv_keep)
         grad_bias = torch.stack(seg_sums).sum(0) if need_bias and ctx.has_bias else None
         return (grad_z, None, None, None, grad_weight, grad_bias, grad_gate, *g_a_w, *g_a_b, *g_b_w, *g_b_b)
 

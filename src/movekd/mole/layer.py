@@ -20,7 +20,9 @@ Four execution paths give the same numbers (tested against a plain per-expert re
   costs one expert's FLOPs), the wide LoRA output (with the base bias folded in) is written first and
   the big GEMM accumulates onto it in place over *all* tokens; the backward likewise accumulates the
   big input-gradient GEMM onto the LoRA's. One d-wide gather restores the token order. Nothing H-wide
-  is gathered, scattered or concatenated.
+  is gathered, scattered or concatenated. On CPU in bf16 / fp16 the small GEMMs run on row windows of
+  bucketed sizes, so changing segment lengths do not make oneDNN build new GEMM kernels every batch
+  (``movekd.mole.kernels.bucket_rows``).
 - *dense-masked* (``grouped_kernel="dense_masked"``, sparse/gated, opt-in): no sorting; per linear one
   fused kernel (``movekd.mole.kernels.mole_linear_masked``) runs every routed expert's LoRA on every
   token as one GEMM per side and zeroes the others with the gate matrix: 3 GEMMs forward and at most 6
