@@ -357,28 +357,6 @@ def test_bf16_segment_gemms_keep_their_shapes_across_routings():
     assert shapes([100, 60, 40]) != shapes([100, 80, 20])
 
 
-def test_dropout_lanes_do_not_depend_on_the_thread_count():
-    # large draws are split over two generators (one on a helper thread): the same lanes with 1 thread
-    shape = torch.Size([600, 2048])  # 1.2M lanes: above the split size
-    previous = torch.get_num_threads()
-    drawn = []
-    try:
-        for threads in (1, 2, 2):
-            torch.set_num_threads(threads)
-            torch.manual_seed(3)
-            drawn.append(kernels.draw_dropout_lanes(shape, torch.device("cpu")))
-    finally:
-        torch.set_num_threads(previous)
-    assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[1], drawn[2])
-    flat = drawn[0].flatten()
-    half = flat.numel() // 2
-    assert not torch.equal(flat[:half], flat[half:2 * half])  # two different streams
-    dropped = kernels.keep_mask(drawn[0], 0.05, torch.bool).logical_not_().float().mean().item()
-    assert abs(dropped - 0.05) < 0.002
-    torch.manual_seed(4)
-    assert not torch.equal(kernels.draw_dropout_lanes(shape, torch.device("cpu")), drawn[0])
-
-
 def test_dropout_rate_and_train_mode_noise():
     mask = kernels.bernoulli_mask(torch.Size([200, 1000]), 0.05, torch.device("cpu"))
     assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.05) < 0.003

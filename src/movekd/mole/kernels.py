@@ -21,8 +21,6 @@ counts (``bucket_rows``; see "Stable GEMM shapes" below).
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -107,49 +105,14 @@ def segmented_linear(inp: Tensor, counts: list[int], weights: Sequence[Tensor], 
 #   compute dtype: bool-mask ``where`` / ``masked_fill`` measured 3-5x slower than a multiply on CPU.
 
 
-# CPU's generator (mt19937) is serial: the lanes of fc2's input at CLIP-L batch 8 (19M) took 13-17 ms,
-# 5 % of a bf16 training step of the plain FFN. Large draws are split into two halves, each filled from
-# its own generator seeded from the default one, the second half on a helper thread while this thread
-# fills the first (torch releases the GIL inside the op): 7-10 ms against 13-16 ms, measured with 2
-# threads. The split does not depend on the thread count, so the lanes are the same with 1 thread
-# (both halves filled here), and torch.manual_seed still fixes them.
-_SPLIT_WORDS = 1 << 18  # below this (1M lanes) one generator, no thread hand-off
-_LANE_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): rebuilt in a forked child
-
-
-def _lane_pool() -> ThreadPoolExecutor:
-    global _LANE_POOL
-    if _LANE_POOL is None or _LANE_POOL[0] != os.getpid():
-        _LANE_POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="movekd-dropout-rng"))
-    return _LANE_POOL[1]
-
-
-def _fill_random_words(words: Tensor) -> None:
-    """Fill an int64 CPU tensor with uniform 64-bit words from the default generator's stream."""
-    if words.numel() < _SPLIT_WORDS:
-        words.random_(-(2**63), None)
-        return
-    seeds = torch.empty(2, dtype=torch.int64).random_()  # from the default generator: seeded runs repeat
-    first, second = words.chunk(2)
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    if torch.get_num_threads() > 1:
-        pending = _lane_pool().submit(second.random_, -(2**63), None, generator=generators[1])
-        first.random_(-(2**63), None, generator=generators[0])
-        pending.result()
-    else:
-        first.random_(-(2**63), None, generator=generators[0])
-        second.random_(-(2**63), None, generator=generators[1])
-
-
 def draw_dropout_lanes(shape: torch.Size, device: torch.device) -> Tensor:
     """Uniform random lanes deciding a dropout mask of ``shape``: on CPU int16 lanes carved out of
-    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element; large draws on two
-    threads, see ``_fill_random_words``), elsewhere floats in [0, 1)."""
+    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element), elsewhere floats in
+    [0, 1)."""
     if torch.device(device).type != "cpu":
         return torch.rand(shape, device=device)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    _fill_random_words(words)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     return words.view(torch.int16)[:numel].view(shape)
 
 
