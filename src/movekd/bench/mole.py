@@ -151,7 +151,7 @@ def _run_cases(
     # (oneDNN builds a GEMM kernel for every new shape in bf16 on CPU).
     generator = torch.Generator().manual_seed(batch)
     grad = torch.randn(batch, tokens, dim, generator=generator)
-    current = {}
+    current: dict[str, torch.Tensor] = {}
 
     def new_input() -> None:  # drawn outside the timed region
         current["x"] = torch.randn(batch, tokens, dim, generator=generator)
@@ -204,7 +204,7 @@ def _run_cases(
             for name, m in modules.items() if mode == "inference" or name != "folded"
         }
         names = list(runs)
-        for w in range(warmup):
+        for _ in range(warmup):
             new_input()
             for name in names:
                 runs[name]()
