@@ -357,6 +357,65 @@ def test_bf16_segment_gemms_keep_their_shapes_across_routings():
     assert shapes([100, 60, 40]) != shapes([100, 80, 20])
 
 
+def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
+    import shutil
+
+    from movekd.mole import native_rng
+
+    if shutil.which("cc") or shutil.which("gcc"):  # a machine with a C compiler must get the fast path
+        assert native_rng.available()
+    if not native_rng.available():
+        pytest.skip("no C compiler: the mt19937 fallback is tested below")
+    words = torch.empty(9, dtype=torch.int64)
+    torch.manual_seed(5)
+    assert native_rng.fill_random_words(words)
+    torch.manual_seed(5)
+    seed = native_rng.draw_seed()
+    assert [w & (2**64 - 1) for w in words.tolist()] == native_rng.splitmix64_words(seed, 9)
+    # lanes repeat under torch.manual_seed and do not depend on the thread count
+    previous, drawn = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            drawn.append(kernels.draw_dropout_lanes(torch.Size([300, 1000]), torch.device("cpu")))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(drawn[0], drawn[1])
+    dropped = kernels.keep_mask(drawn[0], 0.05, torch.bool).logical_not_().float().mean().item()
+    assert abs(dropped - 0.05) < 0.003
+    # switched off: mt19937 draws instead, other lanes with the same rate
+    monkeypatch.setattr(native_rng, "_library", None)
+    torch.manual_seed(3)
+    fallback = kernels.draw_dropout_lanes(torch.Size([300, 1000]), torch.device("cpu"))
+    assert not torch.equal(fallback, drawn[0])
+    assert abs(kernels.keep_mask(fallback, 0.05, torch.bool).logical_not_().float().mean().item() - 0.05) < 0.003
+
+
+def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_path):
+    import subprocess
+
+    from movekd.mole import native_rng
+
+    if not (native_rng.shutil.which("cc") or native_rng.shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("MOVEKD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
+    assert native_rng.available()
+    built = list((tmp_path / "native").glob("splitmix64-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "native").glob("tmp*"))  # no temporary left behind
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
+    assert native_rng.available()  # loaded from the cache
+    monkeypatch.setenv("MOVEKD_NATIVE_RNG", "0")
+    monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
+    assert not native_rng.available() and not native_rng.fill_random_words(torch.empty(4, dtype=torch.int64))
+
+
 def test_dropout_rate_and_train_mode_noise():
     mask = kernels.bernoulli_mask(torch.Size([200, 1000]), 0.05, torch.device("cpu"))
     assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.05) < 0.003

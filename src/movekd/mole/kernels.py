@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from movekd.mole import native_rng
+
 
 class _PermuteRows(Function):
     @staticmethod
@@ -107,12 +109,14 @@ def segmented_linear(inp: Tensor, counts: list[int], weights: Sequence[Tensor], 
 
 def draw_dropout_lanes(shape: torch.Size, device: torch.device) -> Tensor:
     """Uniform random lanes deciding a dropout mask of ``shape``: on CPU int16 lanes carved out of
-    full 64-bit words (one mt19937 draw per 2 lanes instead of one per element), elsewhere floats in
-    [0, 1)."""
+    full 64-bit words (4 lanes per word; the words from the compiled counter-based generator of
+    ``movekd.mole.native_rng``, else from mt19937), elsewhere floats in [0, 1)."""
     if torch.device(device).type != "cpu":
         return torch.rand(shape, device=device)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    if not native_rng.fill_random_words(words):
+        words.random_(-(2**63), None)
     return words.view(torch.int16)[:numel].view(shape)
 
 
