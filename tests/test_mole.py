@@ -416,6 +416,51 @@ def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_pa
     assert not native_rng.available() and not native_rng.fill_random_words(torch.empty(4, dtype=torch.int64))
 
 
+class _RecordingLibrary:
+    """Stands in for the compiled generator: records the thread count each fill asks for."""
+
+    def __init__(self):
+        self.threads = []
+
+    def movekd_splitmix64_fill(self, pointer, count, seed, threads):
+        self.threads.append(threads)
+
+
+def _fill_in_child(threads: int) -> None:
+    from movekd.mole import native_rng
+
+    torch.set_num_threads(threads)
+    recorder = _RecordingLibrary()
+    native_rng._library = recorder
+    native_rng.fill_random_words(torch.empty(1 << 18, dtype=torch.int64))
+    raise SystemExit(0 if recorder.threads == [1] else 1)
+
+
+def test_native_dropout_generator_in_a_forked_child(monkeypatch):
+    # libgomp hangs when a process forked after its parent used OpenMP threads starts threads itself
+    # (measured: a forked child filling with 2 threads never returned): in a forked child the generator
+    # asks for one thread, in the process that imported it for torch's thread count.
+    import multiprocessing
+
+    from movekd.mole import native_rng
+
+    recorder = _RecordingLibrary()
+    monkeypatch.setattr(native_rng, "_library", recorder)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        native_rng.fill_random_words(torch.empty(8, dtype=torch.int64))
+    finally:
+        torch.set_num_threads(previous)
+    assert recorder.threads == [2]
+    child = multiprocessing.get_context("fork").Process(target=_fill_in_child, args=(2,))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "a forked child asked for more than one OpenMP thread"
+
+
 def test_dropout_rate_and_train_mode_noise():
     mask = kernels.bernoulli_mask(torch.Size([200, 1000]), 0.05, torch.device("cpu"))
     assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.05) < 0.003

@@ -6,7 +6,7 @@ helper thread gained nothing inside a training step (README, "MoLE against the p
 counter-based generator has no serial state: word ``w`` of a draw is SplitMix64's output for the state
 ``seed + (w + 1) * 0x9E3779B97F4A7C15`` (Steele, Lea & Flood, "Fast splittable pseudorandom number
 generators", OOPSLA 2014; it passes BigCrush), so the words are computed in parallel, in SIMD lanes and
-on every OpenMP thread: about 1 ms for the same 4.7M words with 2 threads and AVX-512 (2.4 ms built
+on every OpenMP thread (draws of 64K words and more): about 1 ms for the same 4.7M words with 2 threads and AVX-512 (2.4 ms built
 for generic x86-64). The seed of each draw is one 64-bit number from PyTorch's default generator, so
 ``torch.manual_seed`` still fixes the lanes; the lanes do not depend on the thread count.
 
@@ -15,7 +15,8 @@ packages with C code; the machine's own CPU flags, ``-march=native``, are part o
 ``$MOVEKD_CACHE/native/`` and loaded with ctypes; it links OpenMP, which resolves to the ``libgomp``
 PyTorch has already loaded, so both share one thread pool. Without a compiler, or with
 ``MOVEKD_NATIVE_RNG=0``, ``fill_random_words`` returns False and the caller draws from mt19937 (other
-lanes for the same seed, the same distribution).
+lanes for the same seed, the same distribution). In a process forked from the one that imported this
+module the fill runs on one thread (libgomp cannot start threads after such a fork: it hangs).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _SOURCE = r"""
 
 /* SplitMix64 (Steele, Lea & Flood 2014): word w of a draw is the output for state seed + (w + 1) * gamma. */
 void movekd_splitmix64_fill(uint64_t *dst, int64_t n, uint64_t seed, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp parallel for schedule(static) num_threads(threads) if(n >= 65536)
     for (int64_t w = 0; w < n; w++) {
         uint64_t z = seed + (uint64_t)(w + 1) * 0x9E3779B97F4A7C15ULL;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -56,6 +57,9 @@ void movekd_splitmix64_fill(uint64_t *dst, int64_t n, uint64_t seed, int threads
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
 _UNSET = object()
 _library = _UNSET
+# libgomp cannot start threads in a process forked after its parent used them (it hangs; PyTorch's own
+# parallel ops do the same): a forked child fills on its own thread only.
+_IMPORTED_IN = os.getpid()
 
 
 def _cpu_key() -> str:
@@ -123,7 +127,8 @@ def fill_random_words(words: Tensor) -> bool:
     library = _load()
     if library is None or words.device.type != "cpu" or words.dtype != torch.int64 or not words.is_contiguous():
         return False
-    library.movekd_splitmix64_fill(words.data_ptr(), words.numel(), draw_seed(), torch.get_num_threads())
+    threads = torch.get_num_threads() if os.getpid() == _IMPORTED_IN else 1
+    library.movekd_splitmix64_fill(words.data_ptr(), words.numel(), draw_seed(), threads)
     return True
 
 
