@@ -416,6 +416,22 @@ def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_pa
     assert not native_rng.available() and not native_rng.fill_random_words(torch.empty(4, dtype=torch.int64))
 
 
+def test_native_dropout_generator_falls_back_to_simpler_flags(monkeypatch, tmp_path):
+    from movekd.mole import native_rng
+
+    if not (native_rng.shutil.which("cc") or native_rng.shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("MOVEKD_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_rng, "_FLAG_SETS", (["-O3", "--no-such-flag"], ["-O3"]))
+    monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
+    assert native_rng.available()  # the first set fails to compile, the second builds
+    words = torch.empty(3, dtype=torch.int64)
+    torch.manual_seed(2)
+    assert native_rng.fill_random_words(words)
+    torch.manual_seed(2)
+    assert [w & (2**64 - 1) for w in words.tolist()] == native_rng.splitmix64_words(native_rng.draw_seed(), 3)
+
+
 class _RecordingLibrary:
     """Stands in for the compiled generator: records the thread count each fill asks for."""
 

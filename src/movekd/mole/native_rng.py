@@ -5,9 +5,9 @@ PyTorch's CPU generator (mt19937) is serial: the dropout lanes of fc2's input at
 helper thread gained nothing inside a training step (README, "MoLE against the plain FFN"). A
 counter-based generator has no serial state: word ``w`` of a draw is SplitMix64's output for the state
 ``seed + (w + 1) * 0x9E3779B97F4A7C15`` (Steele, Lea & Flood, "Fast splittable pseudorandom number
-generators", OOPSLA 2014; it passes BigCrush), so the words are computed in parallel, in SIMD lanes and
-on every OpenMP thread (draws of 64K words and more): about 1 ms for the same 4.7M words with 2 threads and AVX-512 (2.4 ms built
-for generic x86-64). The seed of each draw is one 64-bit number from PyTorch's default generator, so
+generators", OOPSLA 2014; it passes BigCrush), so the words are computed in parallel, in SIMD lanes
+and on every OpenMP thread (draws of 64K words and more): about 1 ms for the same 4.7M words with 2
+threads and AVX-512 (1.4 ms with 1; 2.4 ms built for generic x86-64). The seed of each draw is one 64-bit number from PyTorch's default generator, so
 ``torch.manual_seed`` still fixes the lanes; the lanes do not depend on the thread count.
 
 The C source below is compiled once per machine with the system C compiler (``cc``, what pip uses for
@@ -53,8 +53,9 @@ void movekd_splitmix64_fill(uint64_t *dst, int64_t n, uint64_t seed, int threads
 }
 """
 
-# Tried in order: tuned for this CPU, then generic (a compiler without -march=native support).
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+# Tried in order: tuned for this CPU, then generic (a compiler without -march=native support), then
+# without OpenMP (a compiler without it, e.g. clang without libomp: one thread, the pragma ignored).
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 _UNSET = object()
 _library = _UNSET
 # libgomp cannot start threads in a process forked after its parent used them (it hangs; PyTorch's own
