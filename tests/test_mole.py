@@ -357,12 +357,16 @@ def test_bf16_segment_gemms_keep_their_shapes_across_routings():
     assert shapes([100, 60, 40]) != shapes([100, 80, 20])
 
 
-def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
+def _has_c_compiler() -> bool:
     import shutil
 
+    return bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
     from movekd.mole import native_rng
 
-    if shutil.which("cc") or shutil.which("gcc"):  # a machine with a C compiler must get the fast path
+    if _has_c_compiler():  # a machine with a C compiler must get the fast path
         assert native_rng.available()
     if not native_rng.available():
         pytest.skip("no C compiler: the mt19937 fallback is tested below")
@@ -397,7 +401,7 @@ def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_pa
 
     from movekd.mole import native_rng
 
-    if not (native_rng.shutil.which("cc") or native_rng.shutil.which("gcc")):
+    if not _has_c_compiler():
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("MOVEKD_CACHE", str(tmp_path))
     monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
@@ -419,7 +423,7 @@ def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_pa
 def test_native_dropout_generator_falls_back_to_simpler_flags(monkeypatch, tmp_path):
     from movekd.mole import native_rng
 
-    if not (native_rng.shutil.which("cc") or native_rng.shutil.which("gcc")):
+    if not _has_c_compiler():
         pytest.skip("no C compiler on this machine")
     monkeypatch.setenv("MOVEKD_CACHE", str(tmp_path))
     monkeypatch.setattr(native_rng, "_FLAG_SETS", (["-O3", "--no-such-flag"], ["-O3"]))

@@ -213,8 +213,7 @@ class _MoLELinear(Function):
         zd = keep_mask(lanes, p, z.dtype).mul_(z) if lanes is not None else z
         inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
         rank, total = a_w[0].shape[0], z.shape[0]
-        bucketed = stable_segment_shapes(z)
-        windows, spare = _segment_windows(counts, total, bucketed)
+        windows, spare = _segment_windows(counts, total, stable_segment_shapes(z))
         low = z.new_empty(total, rank)
         out, out_rows = _rows_with_spare(z, total, weight.shape[0], spare)
         for e, (start, n, size, read) in enumerate(windows):
@@ -237,7 +236,7 @@ class _MoLELinear(Function):
                 torch.addmm(base, _padded(ucat, size, 0), bcat.t(), alpha=scaling, out=out_rows[start:start + size])
         out.addmm_(z, weight.t())
         ctx.counts, ctx.p, ctx.scaling, ctx.has_bias = counts, p, scaling, bias is not None
-        ctx.bucketed = bucketed
+        ctx.windows, ctx.spare = windows, spare  # the backward runs the same windows
         ctx.save_for_backward(z, lanes, low, gate, weight, *a_w, *b_w, *b_b)
         return out
 
@@ -256,7 +255,7 @@ class _MoLELinear(Function):
         need_a_w = any(lora_needs[:num])
         grad_weight = grad.t().mm(z) if need_w else None
         grad_gate = torch.empty_like(gate) if need_gate else None
-        windows, spare = _segment_windows(counts, z.shape[0], ctx.bucketed)
+        windows, spare = ctx.windows, ctx.spare
         grad_z_lora, grad_z_rows = _rows_with_spare(z, z.shape[0], z.shape[1], spare) if need_z else (None, None)
         g_a_w, g_a_b, g_b_w, g_b_b = ([None] * num for _ in range(4))
         seg_sums, g_lows = [], []
