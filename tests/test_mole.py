@@ -273,7 +273,7 @@ def test_fused_linear_kernel_matches_reference_with_the_same_mask(monkeypatch, g
     b_b = [torch.randn(12, requires_grad=True) for _ in range(2)]
     mask = torch.rand(10, 16) < 0.3  # dropped entries
     lanes = torch.where(mask, -32768, 32767).to(torch.int16)  # what the kernel turns into that mask
-    monkeypatch.setattr(kernels, "draw_dropout_lanes", lambda shape, device: lanes)
+    monkeypatch.setattr(kernels, "dropout_mask", lambda shape, p, device: kernels.StoredDropoutMask(lanes, p))
     counts, s = [6, 4], 0.25
     out = kernels.mole_linear(z, counts, 0.3, s, weight, bias, gate, a_w, a_b, b_w, b_b)
     dropped = z.masked_fill(mask, 0) / 0.7
@@ -371,10 +371,8 @@ def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
     if not native_rng.available():
         pytest.skip("no C compiler: the mt19937 fallback is tested below")
     words = torch.empty(9, dtype=torch.int64)
-    torch.manual_seed(5)
-    assert native_rng.fill_random_words(words)
-    torch.manual_seed(5)
-    seed = native_rng.draw_seed()
+    seed = 2**64 - 12345
+    assert native_rng.fill_random_words(words, seed)
     assert [w & (2**64 - 1) for w in words.tolist()] == native_rng.splitmix64_words(seed, 9)
     # lanes repeat under torch.manual_seed and do not depend on the thread count
     previous, drawn = torch.get_num_threads(), []
@@ -382,7 +380,7 @@ def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             torch.manual_seed(3)
-            drawn.append(kernels.draw_dropout_lanes(torch.Size([300, 1000]), torch.device("cpu")))
+            drawn.append(kernels.dropout_mask(torch.Size([300, 1000]), 0.05, torch.device("cpu")).lanes())
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(drawn[0], drawn[1])
@@ -391,7 +389,7 @@ def test_native_dropout_generator_is_splitmix64_and_seeded(monkeypatch):
     # switched off: mt19937 draws instead, other lanes with the same rate
     monkeypatch.setattr(native_rng, "_library", None)
     torch.manual_seed(3)
-    fallback = kernels.draw_dropout_lanes(torch.Size([300, 1000]), torch.device("cpu"))
+    fallback = kernels.dropout_mask(torch.Size([300, 1000]), 0.05, torch.device("cpu")).lanes()
     assert not torch.equal(fallback, drawn[0])
     assert abs(kernels.keep_mask(fallback, 0.05, torch.bool).logical_not_().float().mean().item() - 0.05) < 0.003
 
@@ -417,7 +415,8 @@ def test_native_dropout_generator_builds_once_into_the_cache(monkeypatch, tmp_pa
     assert native_rng.available()  # loaded from the cache
     monkeypatch.setenv("MOVEKD_NATIVE_RNG", "0")
     monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
-    assert not native_rng.available() and not native_rng.fill_random_words(torch.empty(4, dtype=torch.int64))
+    assert not native_rng.available() and not native_rng.fill_random_words(torch.empty(4, dtype=torch.int64), 1)
+    assert native_rng.apply_dropout(torch.ones(64, dtype=torch.bfloat16), 1, 0) is None
 
 
 def test_native_dropout_generator_falls_back_to_simpler_flags(monkeypatch, tmp_path):
@@ -430,10 +429,10 @@ def test_native_dropout_generator_falls_back_to_simpler_flags(monkeypatch, tmp_p
     monkeypatch.setattr(native_rng, "_library", native_rng._UNSET)
     assert native_rng.available()  # the first set fails to compile, the second builds
     words = torch.empty(3, dtype=torch.int64)
-    torch.manual_seed(2)
-    assert native_rng.fill_random_words(words)
-    torch.manual_seed(2)
-    assert [w & (2**64 - 1) for w in words.tolist()] == native_rng.splitmix64_words(native_rng.draw_seed(), 3)
+    assert native_rng.fill_random_words(words, 2)
+    assert [w & (2**64 - 1) for w in words.tolist()] == native_rng.splitmix64_words(2, 3)
+    # a generic build draws words but does not fuse the dropout (slower than PyTorch's masking)
+    assert native_rng.apply_dropout(torch.ones(64, dtype=torch.bfloat16), 1, 0) is None
 
 
 class _RecordingLibrary:
@@ -452,7 +451,7 @@ def _fill_in_child(threads: int) -> None:
     torch.set_num_threads(threads)
     recorder = _RecordingLibrary()
     native_rng._library = recorder
-    native_rng.fill_random_words(torch.empty(1 << 18, dtype=torch.int64))
+    native_rng.fill_random_words(torch.empty(1 << 18, dtype=torch.int64), 1)
     raise SystemExit(0 if recorder.threads == [1] else 1)
 
 
@@ -469,7 +468,7 @@ def test_native_dropout_generator_in_a_forked_child(monkeypatch):
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        native_rng.fill_random_words(torch.empty(8, dtype=torch.int64))
+        native_rng.fill_random_words(torch.empty(8, dtype=torch.int64), 1)
     finally:
         torch.set_num_threads(previous)
     assert recorder.threads == [2]
@@ -479,6 +478,65 @@ def test_native_dropout_generator_in_a_forked_child(monkeypatch):
     if child.exitcode is None:
         child.kill()
     assert child.exitcode == 0, "a forked child asked for more than one OpenMP thread"
+
+
+def test_fused_dropout_zeroes_exactly_what_the_lanes_drop():
+    # The one-pass dropout derives each element's lane from the seed: it must zero exactly the entries
+    # the lanes of the same seed drop, for 2-, 4- and 8-byte elements, sizes off the 32-lane blocks,
+    # the multi-threaded size, in place or not, with 1 or 2 threads.
+    from movekd.mole import native_rng
+
+    if not _has_c_compiler():
+        pytest.skip("no C compiler on this machine")
+    cpu, seed, p = torch.device("cpu"), 2**63 + 17, 0.3
+    threshold = kernels.lane_threshold(p)
+    assert native_rng.apply_dropout(torch.ones(8, dtype=torch.bfloat16), seed, threshold) is not None
+    previous = torch.get_num_threads()
+    try:
+        for numel in (1, 31, 33, 1000, 300_001):
+            lanes = kernels.draw_dropout_lanes(torch.Size([numel]), cpu, seed)
+            for dtype in (torch.bfloat16, torch.float32, torch.float64):
+                src = torch.rand(numel, dtype=dtype) + 1  # no zeros of its own
+                want = src * kernels.keep_mask(lanes, p, dtype)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    assert torch.equal(native_rng.apply_dropout(src, seed, threshold), want), (numel, dtype)
+                in_place = src.clone()
+                assert native_rng.apply_dropout(in_place, seed, threshold, out=in_place) is in_place
+                assert torch.equal(in_place, want)
+    finally:
+        torch.set_num_threads(previous)
+    assert abs((want == 0).double().mean().item() - p) < 0.003
+    # what it cannot take, it leaves to PyTorch's masking
+    assert native_rng.apply_dropout(torch.ones(4, 4).t(), seed, threshold) is None  # not contiguous
+    assert native_rng.apply_dropout(torch.ones(4, dtype=torch.uint8), seed, threshold) is None
+    with pytest.raises(ValueError, match="shape"):
+        kernels.dropout_mask(torch.Size([3, 4]), p, cpu).apply(torch.ones(4, 3))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["sparse", "gated"])
+def test_mole_linear_dropout_keeps_a_seed_not_a_mask(monkeypatch, gated):
+    # The kernel saves drop(z) but no mask (no int16 / bool / lanes tensor); forward and backward give
+    # what the mask of the lanes of its seed gives, kept as a tensor.
+    from movekd.mole import native_rng
+
+    made, saved = [], []
+    real = kernels.dropout_mask
+    monkeypatch.setattr(kernels, "dropout_mask", lambda *args: made.append(real(*args)) or made[-1])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        seeded = _mole_linear_run([7, 13], gated, 0.3)
+    assert len(made) == 1 and isinstance(made[0], kernels.SeededDropoutMask)
+    assert all(t.dtype == torch.float64 for t in saved)
+    assert sum(t.shape == made[0].shape for t in saved) == 2  # z and drop(z)
+    lanes = made[0].lanes()
+
+    def stored(shape, p, device):  # draws its seed as well, so the gradient fed to backward is the same
+        native_rng.draw_seed()
+        return kernels.StoredDropoutMask(lanes, p)
+
+    monkeypatch.setattr(kernels, "dropout_mask", stored)
+    for got, want in zip(seeded, _mole_linear_run([7, 13], gated, 0.3)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_dropout_rate_and_train_mode_noise():

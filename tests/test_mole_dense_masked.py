@@ -47,7 +47,7 @@ def _lanes_by_token(m: MoLEFFN, x: torch.Tensor, monkeypatch, kernel: str, seed:
         order = torch.argsort(expert, stable=True)
         lanes = [t[order] for t in lanes]
     calls = iter(lanes)
-    monkeypatch.setattr(kernels, "draw_dropout_lanes", lambda shape, device: next(calls))
+    monkeypatch.setattr(kernels, "dropout_mask", lambda shape, p, device: kernels.StoredDropoutMask(next(calls), p))
 
 
 def _close(got: list[torch.Tensor], want: list[torch.Tensor], rel: float) -> None:
@@ -165,7 +165,7 @@ def test_kernel_matches_reference_with_the_same_mask(monkeypatch, gated, with_bi
     b_b = [torch.randn(d_out, requires_grad=True) for _ in range(num)]
     mask = torch.rand(rows, d_in) < 0.3  # dropped entries
     lanes = torch.where(mask, -32768, 32767).to(torch.int16)  # what the kernel turns into that mask
-    monkeypatch.setattr(kernels, "draw_dropout_lanes", lambda shape, device: lanes)
+    monkeypatch.setattr(kernels, "dropout_mask", lambda shape, p, device: kernels.StoredDropoutMask(lanes, p))
     s = 0.25
     gates = onehot * gate if gated else onehot
     out = kernels.mole_linear_masked(z, gates, 0.3, s, weight, bias, a_w, a_b, b_w, b_b)

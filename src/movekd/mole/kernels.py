@@ -103,21 +103,30 @@ def segmented_linear(inp: Tensor, counts: list[int], weights: Sequence[Tensor], 
 #   accumulates onto it, instead of autograd adding two wide gradients;
 # - the weight gradient is ``g^T z`` in the weight's own layout (what a plain Linear computes), with no
 #   transposed copy; per-segment bias sums are computed once and summed for the base bias;
-# - dropout keeps a compact random state (2 bytes per element) and multiplies by a {0, 1} mask in the
-#   compute dtype: bool-mask ``where`` / ``masked_fill`` measured 3-5x slower than a multiply on CPU.
+# - dropout keeps no mask: a ``DropoutMask`` re-derives it from a seed whenever it is applied (the
+#   input in the forward, the LoRA input gradient in the backward), on CPU in one fused pass; drop(z)
+#   is saved for the A gradients instead of being made again (the same memory as the 2-byte lanes
+#   the kernel saved before, in bf16 / fp16).
 
 
-def draw_dropout_lanes(shape: torch.Size, device: torch.device) -> Tensor:
-    """Uniform random lanes deciding a dropout mask of ``shape``: on CPU int16 lanes carved out of
-    full 64-bit words (4 lanes per word; the words from the compiled counter-based generator of
-    ``movekd.mole.native_rng``, else from mt19937), elsewhere floats in [0, 1)."""
-    if torch.device(device).type != "cpu":
-        return torch.rand(shape, device=device)
+def draw_dropout_lanes(shape: torch.Size, device: torch.device, seed: int) -> Tensor:
+    """Uniform random lanes for ``seed`` deciding a dropout mask of ``shape``: on CPU int16 lanes
+    carved out of full 64-bit words (4 lanes per word; the words from the compiled counter-based
+    generator of ``movekd.mole.native_rng``, else from mt19937 seeded with ``seed``), elsewhere floats
+    in [0, 1) from the device's generator seeded with ``seed``."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.rand(shape, device=device, generator=torch.Generator(device).manual_seed(seed))
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    if not native_rng.fill_random_words(words):
-        words.random_(-(2**63), None)
+    if not native_rng.fill_random_words(words, seed):
+        words.random_(-(2**63), None, generator=torch.Generator().manual_seed(seed))
     return words.view(torch.int16)[:numel].view(shape)
+
+
+def lane_threshold(p: float) -> int:
+    """The int16 lane below which an entry is dropped (``p`` rounded to a multiple of 2^-16)."""
+    return -32768 + round(p * 65536)
 
 
 def keep_mask(lanes: Tensor, p: float, dtype: torch.dtype) -> Tensor:
@@ -125,13 +134,68 @@ def keep_mask(lanes: Tensor, p: float, dtype: torch.dtype) -> Tensor:
     multiple of 2^-16: 0.05 becomes 0.050003)."""
     out = torch.empty(lanes.shape, dtype=dtype, device=lanes.device)
     if lanes.dtype == torch.int16:
-        return torch.ge(lanes, -32768 + round(p * 65536), out=out)
+        return torch.ge(lanes, lane_threshold(p), out=out)
     return torch.ge(lanes, p, out=out)
+
+
+class DropoutMask:
+    """Which entries of a tensor LoRA dropout keeps (probability ``1 - p``), applied as often as the
+    kernel needs (to the input in the forward, to the input gradient in the backward) and the same
+    every time. Not rescaled: the kernels apply 1 / (1 - p) to the r-wide product."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def lanes(self) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, src: Tensor, out: Tensor | None = None) -> Tensor:
+        """``src`` with the dropped entries zeroed, into ``out`` (``src`` itself is allowed) or a new
+        tensor: a multiply by a {0, 1} mask in ``src``'s dtype (bool-mask ``where`` / ``masked_fill``
+        measured 3-5x slower than a multiply on CPU)."""
+        keep = keep_mask(self.lanes(), self.p, src.dtype)
+        return keep.mul_(src) if out is None else torch.mul(src, keep, out=out)
+
+
+class StoredDropoutMask(DropoutMask):
+    """A mask given by its lanes (int16 as on CPU, or floats in [0, 1)), kept as they are."""
+
+    def __init__(self, lanes: Tensor, p: float):
+        super().__init__(p)
+        self._lanes = lanes
+
+    def lanes(self) -> Tensor:
+        return self._lanes
+
+
+class SeededDropoutMask(DropoutMask):
+    """A mask of which nothing is stored but a 64-bit seed, drawn from PyTorch's default generator
+    (so ``torch.manual_seed`` fixes it, and activation checkpointing's replay of the RNG state draws
+    the same one): each ``apply`` re-derives it, on CPU in one pass from the compiled counter-based
+    generator (``native_rng.apply_dropout``), elsewhere from lanes drawn again (``draw_dropout_lanes``)."""
+
+    def __init__(self, shape: torch.Size, p: float, device: torch.device):
+        super().__init__(p)
+        self.shape, self.device, self.seed = torch.Size(shape), torch.device(device), native_rng.draw_seed()
+
+    def lanes(self) -> Tensor:
+        return draw_dropout_lanes(self.shape, self.device, self.seed)
+
+    def apply(self, src: Tensor, out: Tensor | None = None) -> Tensor:
+        if src.shape != self.shape:
+            raise ValueError(f"dropout mask of shape {tuple(self.shape)} applied to a tensor of shape {tuple(src.shape)}")
+        fused = native_rng.apply_dropout(src, self.seed, lane_threshold(self.p), out)
+        return fused if fused is not None else super().apply(src, out)
+
+
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> DropoutMask:
+    """A fresh dropout mask for a tensor of ``shape`` (the kernels' one hook for it)."""
+    return SeededDropoutMask(shape, p, device)
 
 
 def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """Bool tensor, True with probability ``p`` (the dropped entries), drawn as the kernels draw it."""
-    return keep_mask(draw_dropout_lanes(shape, device), p, torch.bool).logical_not_()
+    return keep_mask(dropout_mask(shape, p, device).lanes(), p, torch.bool).logical_not_()
 
 
 # Stable GEMM shapes for the expert segments (CPU, bf16 / fp16).
@@ -208,9 +272,8 @@ class _MoLELinear(Function):
                 bias: Tensor | None, gate: Tensor | None, *lora: Tensor) -> Tensor:
         num = len(counts)
         a_w, a_b, b_w, b_b = (lora[i * num:(i + 1) * num] for i in range(4))
-        lanes = draw_dropout_lanes(z.shape, z.device) if p > 0 else None
-        # drop(z) written over the mask: one input-sized buffer instead of two
-        zd = keep_mask(lanes, p, z.dtype).mul_(z) if lanes is not None else z
+        mask = dropout_mask(z.shape, p, z.device) if p > 0 else None
+        zd = mask.apply(z) if mask is not None else z
         inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
         rank, total = a_w[0].shape[0], z.shape[0]
         windows, spare = _segment_windows(counts, total, stable_segment_shapes(z))
@@ -237,13 +300,14 @@ class _MoLELinear(Function):
         out.addmm_(z, weight.t())
         ctx.counts, ctx.p, ctx.scaling, ctx.has_bias = counts, p, scaling, bias is not None
         ctx.windows, ctx.spare = windows, spare  # the backward runs the same windows
-        ctx.save_for_backward(z, lanes, low, gate, weight, *a_w, *b_w, *b_b)
+        ctx.mask = mask
+        ctx.save_for_backward(z, zd if mask is not None else None, low, gate, weight, *a_w, *b_w, *b_b)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        z, lanes, low, gate, weight, *rest = ctx.saved_tensors
-        counts, p, s = ctx.counts, ctx.p, ctx.scaling
+        z, zd, low, gate, weight, *rest = ctx.saved_tensors
+        counts, p, s, mask = ctx.counts, ctx.p, ctx.scaling, ctx.mask
         num = len(counts)
         a_w, b_w, b_b = rest[:num], rest[num:2 * num], rest[2 * num:]
         needs = ctx.needs_input_grad
@@ -287,18 +351,15 @@ class _MoLELinear(Function):
                 g_a_b[e] = g_low.sum(0)
             g_lows.append((rows, g_low, size, read))
             if need_z:  # written from the segment's first row on (the next segment overwrites the rest)
-                g_in = g_low * inv_keep if lanes is not None else g_low
+                g_in = g_low * inv_keep if mask is not None else g_low
                 torch.mm(_padded(g_in, size, 0), a_w[e], out=grad_z_rows[start:start + size])
-        # One input-sized dropout buffer: the {0, 1} mask masks the LoRA input gradient, then becomes
-        # drop(z) in place for the A gradients (instead of a second buffer for drop(z)).
-        keep = keep_mask(lanes, p, z.dtype) if lanes is not None and (need_z or need_a_w) else None
         grad_z = None
         if need_z:
-            if keep is not None:
-                grad_z_lora.mul_(keep)
+            if mask is not None:  # the forward's mask, derived again, on the LoRA input gradient
+                mask.apply(grad_z_lora, out=grad_z_lora)
             grad_z = grad_z_lora.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
         if need_a_w:
-            zd = keep.mul_(z) if keep is not None else z
+            zd = zd if mask is not None else z
             for e, (rows, g_low, size, read) in enumerate(g_lows):
                 if lora_needs[e]:
                     g_a_w[e] = torch.mm(_padded(g_low, size, rows.start - read).t(), zd[read:read + size]).mul_(inv_keep)
@@ -357,10 +418,8 @@ class _MoLELinearMasked(Function):
         torch.mul(torch.stack(b_b, 1), scaling, out=bb[:, cols:cols + num])
         bb[:, -1] = 0 if bias is None else bias
         bb = bb.to(dtype)  # [out, E*r + E + 1]
-        lanes = draw_dropout_lanes(z.shape, z.device) if p > 0 else None
-        # drop(z) written over the mask: one input-sized allocation instead of two (fresh large
-        # buffers cost page faults on CPU, more than the multiply itself)
-        zd = keep_mask(lanes, p, dtype).mul_(z) if lanes is not None else z
+        mask = dropout_mask(z.shape, p, z.device) if p > 0 else None
+        zd = mask.apply(z) if mask is not None else z
         inv_keep = 1.0 / (1.0 - p)  # dropout's rescale, applied to the r-wide product, not to z
         low = torch.addmm(torch.cat(a_b).to(dtype), zd, a_cat.t(), alpha=inv_keep)  # [N, E*r]
         # u = [low * G, G, 1]: each expert's r columns times its gate, the gates (for the expert
@@ -371,14 +430,14 @@ class _MoLELinearMasked(Function):
         u[:, -1] = 1
         out = torch.mm(u, bb.t())
         out.addmm_(z, weight.t())  # the big GEMM accumulates onto the LoRA part
-        ctx.p, ctx.scaling, ctx.has_bias, ctx.rank = p, scaling, bias is not None, rank
-        ctx.save_for_backward(z, lanes, low, u, gates, weight, a_cat, bb)
+        ctx.p, ctx.scaling, ctx.has_bias, ctx.rank, ctx.mask = p, scaling, bias is not None, rank, mask
+        ctx.save_for_backward(z, zd if mask is not None else None, low, u, gates, weight, a_cat, bb)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        z, lanes, low, u, gates, weight, a_cat, bb = ctx.saved_tensors
-        p, s, rank = ctx.p, ctx.scaling, ctx.rank
+        z, zd, low, u, gates, weight, a_cat, bb = ctx.saved_tensors
+        p, s, rank, mask = ctx.p, ctx.scaling, ctx.rank, ctx.mask
         rows, num = gates.shape
         cols = num * rank
         needs = ctx.needs_input_grad
@@ -407,16 +466,15 @@ class _MoLELinearMasked(Function):
             g_low = (g_u_low * gates[:, :, None]).view(rows, cols)
             if need_a_b:
                 g_a_b = list(g_low.sum(0).split(rank))
-            keep = keep_mask(lanes, p, z.dtype) if lanes is not None else None
-            if keep is not None:
+            if mask is not None:
                 g_low = g_low * (1.0 / (1.0 - p))
             if need_z:
                 grad_z = torch.mm(g_low, a_cat)
-                if keep is not None:
-                    grad_z.mul_(keep)
+                if mask is not None:
+                    mask.apply(grad_z, out=grad_z)
                 grad_z.addmm_(grad, weight)  # the big GEMM accumulates onto the LoRA part
             if need_a_w:
-                zd = keep.mul_(z) if keep is not None else z  # the mask is not needed any more
+                zd = zd if mask is not None else z
                 g_a_w = list(torch.mm(g_low.t(), zd).split(rank))
         elif need_z:
             grad_z = grad.mm(weight)
